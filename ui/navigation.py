@@ -1,0 +1,35 @@
+"""The app's pages. Adding a page is one line in :data:`PAGES`; tests and app.py read this list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """One page: its script (relative to the repo root), menu title and Material icon."""
+
+    path: str
+    title: str
+    icon: str
+    default: bool = False
+
+    @property
+    def url_path(self) -> str:
+        return "" if self.default else Path(self.path).stem
+
+
+PAGES: tuple[PageSpec, ...] = (
+    PageSpec("pages/home.py", "Home", ":material/home:", default=True),
+    PageSpec("pages/vit_attention.py", "ViT attention", ":material/visibility:"),
+)
+
+
+def st_pages() -> list[st.Page]:
+    """``st.Page`` objects for ``st.navigation``, in menu order."""
+    return [st.Page(spec.path, title=spec.title, icon=spec.icon, default=spec.default) for spec in PAGES]

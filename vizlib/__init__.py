@@ -1,0 +1,1 @@
+"""HybridLens computation and drawing library: no Streamlit here, everything unit-testable."""

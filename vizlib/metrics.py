@@ -1,0 +1,191 @@
+"""Attention metrics of the FCViT observation, defined exactly as in the project's issue #2.
+
+Every per-head metric takes one layer's attention ``attn`` of shape (heads, N, N) (rows are queries,
+softmax over keys) and ``num_prefix_tokens`` p, and works on the patch block
+``Ã = A[p:, p:]`` with each row renormalised to sum 1. It returns one value per head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+METRIC_NAMES = ("query_independence", "entropy", "topk_mass", "gini", "mean_attention_distance")
+
+
+def patch_block(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Ã: patch-to-patch attention with every query row renormalised to sum 1.
+
+    Accepts (heads, N, N) or a stack of layers (layers, heads, N, N); float32 is precise enough
+    (the tests check 1e-6 against float64) and several times faster on CPU.
+    """
+    if attn.dim() not in (3, 4) or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"expected one layer's attention of shape (heads, N, N), got {tuple(attn.shape)}")
+    block = attn[..., num_prefix_tokens:, num_prefix_tokens:]
+    if not block.is_floating_point() or block.dtype in (torch.float16, torch.bfloat16):
+        block = block.float()
+    return block / block.sum(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def query_independence(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean cosine similarity over all query pairs i<j of their maps; 1 = every query sees the same."""
+    return _query_independence(patch_block(attn, num_prefix_tokens))
+
+
+def _query_independence(block: torch.Tensor) -> torch.Tensor:
+    # Σ_{i≠j} cos(i, j) = ‖Σ_i r̂_i‖² − P for unit rows r̂: O(P²) instead of the O(P³) Gram matrix.
+    rows = F.normalize(block, dim=-1)
+    queries = rows.shape[-2]
+    off_diagonal = rows.sum(-2).square().sum(-1) - rows.square().sum((-1, -2))
+    return off_diagonal / (queries * (queries - 1))
+
+
+def head_independence(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean over queries and head pairs h<h' of the cosine of their maps (NaN for one head)."""
+    return _head_independence(patch_block(attn, num_prefix_tokens))
+
+
+def _head_independence(block: torch.Tensor) -> torch.Tensor:
+    # Same identity as above, over the head axis for each query.
+    rows = F.normalize(block, dim=-1)  # (..., heads, P, P)
+    heads = rows.shape[-3]
+    if heads < 2:
+        return torch.full(block.shape[:-3], float("nan"), dtype=block.dtype)
+    off_diagonal = rows.sum(-3).square().sum(-1) - rows.square().sum((-1, -3))  # (..., P)
+    return (off_diagonal / (heads * (heads - 1))).mean(-1)
+
+
+def entropy(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean normalised entropy H(Ã_i)/log(P): 1 is uniform, near 0 is sparse (0·log 0 = 0)."""
+    return _entropy(patch_block(attn, num_prefix_tokens))
+
+
+def _entropy(rows: torch.Tensor) -> torch.Tensor:
+    keys = rows.shape[-1]
+    if keys < 2:
+        return torch.zeros(rows.shape[:-2], dtype=rows.dtype)
+    h = -(rows * torch.log(rows.clamp_min(EPS))).sum(-1)
+    return h.mean(-1) / math.log(keys)
+
+
+def topk_count(num_patches: int) -> int:
+    """k = max(1, round(0.05·P)), with Python's round (half to even)."""
+    return max(1, round(0.05 * num_patches))
+
+
+def topk_mass(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean over queries of the mass held by the k = max(1, round(0.05·P)) largest keys."""
+    return _topk_mass(patch_block(attn, num_prefix_tokens))
+
+
+def _topk_mass(rows: torch.Tensor, ascending: torch.Tensor | None = None) -> torch.Tensor:
+    k = topk_count(rows.shape[-1])
+    if ascending is not None:  # reuse the sort Gini needs anyway
+        return ascending[..., -k:].sum(-1).mean(-1)
+    return rows.topk(k, dim=-1).values.sum(-1).mean(-1)
+
+
+def gini(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean Gini coefficient of the query rows: 0 uniform, (P-1)/P one-hot."""
+    return _gini(patch_block(attn, num_prefix_tokens))
+
+
+def _gini(rows: torch.Tensor, ascending: torch.Tensor | None = None) -> torch.Tensor:
+    keys = rows.shape[-1]
+    if ascending is None:
+        ascending = rows.sort(dim=-1).values
+    ranks = torch.arange(1, keys + 1, dtype=rows.dtype)  # a_(i) ascending, i = 1..K
+    weights = 2 * ranks - keys - 1
+    return ((ascending * weights).sum(-1) / keys).mean(-1)
+
+
+def patch_centres(grid: Sequence[int], patch_size: int | Sequence[int]) -> torch.Tensor:
+    """Centres (y, x) in input pixels of the row-major patch grid, shape (h·w, 2)."""
+    height, width = grid
+    size_y, size_x = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    ys = (torch.arange(height, dtype=torch.float64) + 0.5) * size_y
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) * size_x
+    return torch.cartesian_prod(ys, xs)
+
+
+def mean_attention_distance(
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    grid: Sequence[int],
+    patch_size: int | Sequence[int],
+) -> torch.Tensor:
+    """Mean over queries of Σ_j Ã_ij·‖c_i − c_j‖ in input pixels (rows renormalised)."""
+    return _mean_attention_distance(patch_block(attn, num_prefix_tokens), grid, patch_size)
+
+
+def _mean_attention_distance(
+    rows: torch.Tensor, grid: Sequence[int], patch_size: int | Sequence[int]
+) -> torch.Tensor:
+    centres = patch_centres(grid, patch_size)
+    if centres.shape[0] != rows.shape[-1]:
+        raise ValueError(f"grid {tuple(grid)} has {centres.shape[0]} patches, attention has {rows.shape[-1]}")
+    distances = torch.cdist(centres, centres).to(rows.dtype)
+    return (rows * distances).sum(-1).mean(-1)
+
+
+def rollout(
+    attns: Sequence[torch.Tensor], num_prefix_tokens: int, grid: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Abnar & Zuidema rollout: R = Π_l rownorm(½(Ā_l + I)), layers in forward order.
+
+    Returns the (h, w) map: the first prefix token's (CLS) row over patch keys, or the mean over
+    patch query rows when there is no prefix token. ``grid`` defaults to a square grid.
+    """
+    tokens = attns[0].shape[-1]
+    result = torch.eye(tokens, dtype=torch.float64)
+    identity = torch.eye(tokens, dtype=torch.float64)
+    for attn in attns:
+        mixed = 0.5 * attn.double().mean(0) + 0.5 * identity
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        result = mixed @ result
+    if num_prefix_tokens > 0:
+        patch_map = result[0, num_prefix_tokens:]
+    else:
+        patch_map = result[num_prefix_tokens:, num_prefix_tokens:].mean(0)
+    return patch_map.reshape(*_grid_or_square(grid, patch_map.numel()))
+
+
+def _grid_or_square(grid: Sequence[int] | None, patches: int) -> tuple[int, int]:
+    if grid is not None:
+        return int(grid[0]), int(grid[1])
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} patches do not form a square grid; pass grid=(h, w)")
+    return side, side
+
+
+def query_maps(
+    attn: torch.Tensor, num_prefix_tokens: int, queries: Sequence[int], grid: Sequence[int]
+) -> torch.Tensor:
+    """The paper's figure view: the (renormalised) maps of several query patches, (len(q), h, w)."""
+    rows = patch_block(attn, num_prefix_tokens)[:, list(queries)]  # (heads, q, P)
+    return rows.reshape(rows.shape[0], len(queries), int(grid[0]), int(grid[1]))
+
+
+def layer_metrics(
+    attn: torch.Tensor,
+    num_prefix_tokens: int,
+    grid: Sequence[int],
+    patch_size: int | Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """Every metric of one layer (heads, N, N), or of a stack of layers (layers, heads, N, N) at
+    once (one vectorised pass, what the page and the benchmark use), from a single Ã."""
+    block = patch_block(attn, num_prefix_tokens)
+    ascending = block.sort(dim=-1).values
+    return {
+        "query_independence": _query_independence(block),
+        "entropy": _entropy(block),
+        "topk_mass": _topk_mass(block, ascending),
+        "gini": _gini(block, ascending),
+        "mean_attention_distance": _mean_attention_distance(block, grid, patch_size),
+        "head_independence": _head_independence(block),
+    }
