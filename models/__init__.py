@@ -1,3 +1,3 @@
 """HybridLens model zoo: importing this package registers every family with timm."""
 
-from models import capture  # noqa: F401
+from models import capture, cetnet, conv2former, fcvit, moat, mobile_former, vit  # noqa: F401

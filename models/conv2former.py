@@ -68,8 +68,9 @@ class ConvMod(nn.Module):
         y = self.norm(x)
         a = self.att(y)
         v = self.v(y)
-        # Capture is an eager-mode tool; skipping it while torch.compile traces avoids a graph break
-        # per block (ContextVar access), which made compiled CIFAR training ~2x slower.
+        # Capture is an eager-mode tool. Skipping it while torch.compile traces avoids a graph break per
+        # block (ContextVar access); with the breaks, dynamo hit its recompile limit on the per-block
+        # drop-path rates and fell back to eager (seen training the CIFAR config on an H100).
         if not torch.compiler.is_compiling():
             record(self, "modulation", a)
             record(self, "value", v)
@@ -176,7 +177,7 @@ class Conv2Former(nn.Module):
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.stages = nn.ModuleList()
         cur = 0
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
+        for dim, depth in zip(dims, depths, strict=True):
             self.stages.append(
                 nn.Sequential(
                     *[
@@ -187,6 +188,8 @@ class Conv2Former(nn.Module):
             )
             cur += depth
 
+        # Informational (channels/stride per stage). timm's features_only wrappers are not supported:
+        # the stem/downsamplers and stages live in two ModuleLists, not in execution order.
         stem_reduction = 2 * stem_stride
         self.feature_info = [
             {"num_chs": dims[i], "reduction": stem_reduction * 2**i, "module": f"stages.{i}"}
@@ -206,7 +209,8 @@ class Conv2Former(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # Official init: truncated normal (std 0.02) for conv/linear weights, zero biases.
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        # Meta tensors hold no data (used to count parameters of the big variants): nothing to draw.
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.is_meta:
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -226,7 +230,7 @@ class Conv2Former(nn.Module):
         name_capture_points(self.pred, prefix="pred")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
+        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(downsample(x))
         return x
 

@@ -25,7 +25,8 @@ Attention mode. The official class default is windows ``[None, None, [14, 14], [
 every MOAT stage can be changed on a loaded model, persistently with :meth:`Moat.set_attention_mode`
 or for the calling thread / context only with :func:`attention_mode` (a ``ContextVar``). A window that
 does not divide the map (the official code requires it to) gives ragged edge windows here: tokens
-attend within ``(row // wh, col // ww)`` blocks, computed with a block mask over the whole map.
+attend within ``(row // wh, col // ww)`` blocks, computed with a block mask over the whole map. A
+window larger than the map is clipped to it (then window and global attention coincide).
 
 Capture (``models/capture.py``): each attention module records ``attn`` = (B, heads, N, N) over all
 N = H*W tokens of the map in row-major order (block-sparse with exact zeros across windows in window
@@ -58,6 +59,7 @@ __all__ = [
     "Moat",
     "attention_mode",
     "convert_tf_variables",
+    "parse_attention_modes",
 ]
 
 _BN_EPS = 1e-3  # Keras BatchNormalization default (PyTorch's is 1e-5)
@@ -134,8 +136,9 @@ class AttentionMode:
 
 GLOBAL = AttentionMode("global")
 
-# Each entry: (model or None for every model, modes spec). Innermost entry wins.
-_MODE_OVERRIDES: ContextVar[tuple[tuple[nn.Module | None, Any], ...]] = ContextVar(
+# Overrides opened by attention_mode(), innermost last: ("stages", {stage module: mode}) for one model,
+# or ("all", spec) for every MOAT model (parsed against each model's layout when it runs).
+_MODE_OVERRIDES: ContextVar[tuple[tuple[str, Any], ...]] = ContextVar(
     "moat_attention_mode_overrides", default=()
 )
 
@@ -175,6 +178,39 @@ def _parse_one(spec: Any, default_window: tuple[int, int] | None) -> AttentionMo
     return AttentionMode("window", (height, width))
 
 
+def parse_attention_modes(
+    spec: Any, block_types: Sequence[str], default_windows: Sequence[tuple[int, int] | None]
+) -> dict[int, AttentionMode]:
+    """Per-MOAT-stage modes from a spec, for a model with these block types and default windows.
+
+    A single mode (``None``/``'global'``, ``'window'`` = the stage's default window, ``'window:7'``,
+    ``'window:14x16'``, ``7``, ``(14, 16)`` or an :class:`AttentionMode`) applies to every MOAT
+    stage. A mapping ``{stage_index: mode}`` sets some stages (indices count all stages, e.g. 2 and
+    3). A sequence gives one mode per MOAT stage, or one per stage with the MBConv entries ignored
+    (the official ``window_size=[None, None, [14, 14], [7, 7]]`` form, None meaning global).
+    """
+    moat_stages = [i for i, kind in enumerate(block_types) if kind == "moat"]
+    if isinstance(spec, Mapping):
+        items = {int(stage): value for stage, value in spec.items()}
+    elif _is_single_spec(spec):
+        items = dict.fromkeys(moat_stages, spec)
+    elif isinstance(spec, Sequence):
+        if len(spec) == len(moat_stages):
+            items = dict(zip(moat_stages, spec, strict=True))
+        elif len(spec) == len(block_types):
+            items = {stage: spec[stage] for stage in moat_stages}
+        else:
+            raise ValueError(
+                f"give {len(moat_stages)} modes (MOAT stages) or {len(block_types)} (all stages)"
+            )
+    else:
+        raise TypeError(f"cannot parse attention modes from {spec!r}")
+    unknown = set(items) - set(moat_stages)
+    if unknown:
+        raise ValueError(f"stages {sorted(unknown)} have no attention (MOAT stages: {moat_stages})")
+    return {stage: _parse_one(value, default_windows[stage]) for stage, value in items.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +237,9 @@ class SqueezeExcite(nn.Module):
 class MoatAttention(nn.Module):
     """Multi-head self-attention over a (B, H, W, C) map, global or in non-overlapping windows."""
 
-    def __init__(self, dim: int, head_dim: int = _HEAD_DIM, position_embedding_size: int | None = None) -> None:
+    def __init__(
+        self, dim: int, head_dim: int = _HEAD_DIM, position_embedding_size: int | None = None
+    ) -> None:
         super().__init__()
         if dim % head_dim:
             raise ValueError(f"width {dim} is not a multiple of the head size {head_dim}")
@@ -253,7 +291,9 @@ class MoatAttention(nn.Module):
         wh, ww = window
         rows = torch.arange(height, device=device).repeat_interleave(width)
         cols = torch.arange(width, device=device).repeat(height)
-        same = ((rows // wh)[:, None] == (rows // wh)[None, :]) & ((cols // ww)[:, None] == (cols // ww)[None, :])
+        same = ((rows // wh)[:, None] == (rows // wh)[None, :]) & (
+            (cols // ww)[:, None] == (cols // ww)[None, :]
+        )
         table = self._bias_table(window, dtype)
         if table is None:
             if bool(same.all()):
@@ -294,10 +334,11 @@ class MoatAttention(nn.Module):
                 logits = q @ k.transpose(-2, -1)
                 if bias is not None:
                     logits = logits + bias
-                # softmax in (at least) fp32, as the official code does for bf16 compute
-                attn = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
-                record(self, "attn", attn)
-                out = attn @ v
+                # softmax in (at least) fp32, as the official code does for bf16 compute; the map is
+                # recorded at that precision
+                probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+                record(self, "attn", probs)
+                out = probs.to(v.dtype) @ v
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
             out = out.transpose(1, 2).reshape(batch, height, width, channels)
@@ -310,7 +351,9 @@ class MoatAttention(nn.Module):
                 return t.reshape(batch * nh * nw, heads, wh * ww, head_dim)
 
             bias = self._window_bias(window, q.dtype)
-            out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=bias, scale=1.0)
+            out = F.scaled_dot_product_attention(
+                windows(q), windows(k), windows(v), attn_mask=bias, scale=1.0
+            )
             out = out.reshape(batch, nh, nw, heads, wh, ww, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
             out = out.reshape(batch, height, width, channels)
         return self.o(out)
@@ -372,13 +415,40 @@ class MoatBlock(nn.Module):
 
 
 class MoatStage(nn.Sequential):
-    """Blocks of one stage (named ``stages.S.B`` like TF ``block_SS_BB``); passes the mode down."""
+    """Blocks of one stage (named ``stages.S.B`` like TF ``block_SS_BB``).
 
-    def __init__(self, blocks: Sequence[MoatBlock], global_last: bool = False) -> None:
+    A MOAT stage resolves its attention mode when it runs (unless given one): the persistent
+    ``attention_mode`` overlaid by the :func:`attention_mode` contexts of the calling thread. So any
+    caller (``forward``, timm's ``features_only`` wrapper, a stage called alone) sees the same mode.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[MoatBlock],
+        stage_index: int,
+        layout: tuple[tuple[str, ...], tuple[tuple[int, int] | None, ...]],
+        global_last: bool = False,
+    ) -> None:
         super().__init__(*blocks)
+        self.stage_index = stage_index
+        self.layout = layout  # (block_types, default_windows) of the model, to parse "all models" specs
+        self.has_attention = layout[0][stage_index] == "moat"
         self.global_last = global_last
+        self.attention_mode = GLOBAL  # persistent setting, changed by Moat.set_attention_mode
+
+    def current_mode(self) -> AttentionMode:
+        mode = self.attention_mode
+        for kind, payload in _MODE_OVERRIDES.get():
+            if kind == "stages":
+                mode = payload.get(self, mode)
+            else:
+                mode = parse_attention_modes(payload, *self.layout).get(self.stage_index, mode)
+        return mode
 
     def forward(self, x: torch.Tensor, mode: AttentionMode | None = None) -> torch.Tensor:  # type: ignore[override]
+        if not self.has_attention:
+            return super().forward(x)
+        mode = mode or self.current_mode()  # resolved once per call, then passed down as an argument
         last = len(self) - 1
         for index, block in enumerate(self):
             x = block(x, GLOBAL if (self.global_last and index == last) else mode)
@@ -391,7 +461,15 @@ class MoatStage(nn.Sequential):
 
 
 class Moat(nn.Module):
-    """MOAT backbone with the classification head (mean -> LayerNorm -> 1x1 conv)."""
+    """MOAT backbone with the classification head (mean -> LayerNorm -> 1x1 conv).
+
+    ``use_position_embedding=False`` builds the ``*_wo_position_embedding`` variants (no relative
+    bias tables). ``attention_modes`` is an initial :meth:`set_attention_mode` spec (default: global
+    everywhere, as deeplab2's ``get_model``); ``default_windows`` is what ``'window'`` means per stage.
+    ``position_embedding_sizes`` is P per stage (14 and 7 as the official stride-16/32 tables).
+    ``global_attention_at_end_of_moat_stage`` mirrors the official flag (last block of each MOAT
+    stage always global). ``pool_size`` is the shortcut pooling kernel (2 for classification).
+    """
 
     def __init__(
         self,
@@ -466,14 +544,24 @@ class Moat(nn.Module):
                 in_chs = width
                 block_id += 1
             reduction *= stage_strides[stage_id]
-            stages.append(MoatStage(blocks, global_last=global_attention_at_end_of_moat_stage and kind == "moat"))
-            self.feature_info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{stage_id}"})
+            stages.append(
+                MoatStage(
+                    blocks,
+                    stage_id,
+                    (self.block_types, self.default_windows),
+                    global_last=global_attention_at_end_of_moat_stage and kind == "moat",
+                )
+            )
+            self.feature_info.append(
+                {"num_chs": width, "reduction": reduction, "module": f"stages.{stage_id}"}
+            )
         self.stages = nn.Sequential(*stages)
 
         self.final_layer_norm = nn.LayerNorm(widths[-1], eps=_LN_EPS)
-        self.logits_head: nn.Module = nn.Conv2d(widths[-1], num_classes, 1) if num_classes > 0 else nn.Identity()
+        self.logits_head: nn.Module = (
+            nn.Conv2d(widths[-1], num_classes, 1) if num_classes > 0 else nn.Identity()
+        )
 
-        self._attention_modes: dict[int, AttentionMode] = dict.fromkeys(self.moat_stages, GLOBAL)
         if attention_modes is not None:
             self.set_attention_mode(attention_modes)
         self._init_weights()
@@ -492,59 +580,25 @@ class Moat(nn.Module):
     # -- attention mode -------------------------------------------------------------------------
 
     def parse_attention_modes(self, spec: Any) -> dict[int, AttentionMode]:
-        """Per-MOAT-stage modes from a spec.
-
-        A single mode (``None``/``'global'``, ``'window'`` = the stage's default window,
-        ``'window:7'``, ``'window:14x16'``, ``7``, ``(14, 16)`` or an :class:`AttentionMode`) applies
-        to every MOAT stage. A mapping ``{stage_index: mode}`` sets some stages (indices count all
-        stages, e.g. 2 and 3). A sequence gives one mode per MOAT stage, or one per stage with the
-        MBConv entries ignored (the official ``window_size=[None, None, [14, 14], [7, 7]]`` form).
-        """
-        if isinstance(spec, Mapping):
-            items = {int(stage): value for stage, value in spec.items()}
-        elif _is_single_spec(spec):
-            items = dict.fromkeys(self.moat_stages, spec)
-        elif isinstance(spec, Sequence):
-            if len(spec) == len(self.moat_stages):
-                items = dict(zip(self.moat_stages, spec, strict=True))
-            elif len(spec) == len(self.block_types):
-                items = {stage: spec[stage] for stage in self.moat_stages}
-            else:
-                raise ValueError(
-                    f"give {len(self.moat_stages)} modes (MOAT stages) or {len(self.block_types)} (all stages)"
-                )
-        else:
-            raise TypeError(f"cannot parse attention modes from {spec!r}")
-        unknown = set(items) - set(self.moat_stages)
-        if unknown:
-            raise ValueError(f"stages {sorted(unknown)} have no attention (MOAT stages: {self.moat_stages})")
-        return {stage: _parse_one(value, self.default_windows[stage]) for stage, value in items.items()}
+        """Modes per MOAT stage index from a spec (see the module-level :func:`parse_attention_modes`)."""
+        return parse_attention_modes(spec, self.block_types, self.default_windows)
 
     def set_attention_mode(self, modes: Any) -> None:
         """Persistently change the attention mode of MOAT stages (no reload; weights are shared).
 
         This changes the model for every caller; use :func:`attention_mode` for a per-call choice.
         """
-        updated = dict(self._attention_modes)
-        updated.update(self.parse_attention_modes(modes))
-        self._attention_modes = updated  # one assignment, so readers never see a half update
+        for stage_id, mode in self.parse_attention_modes(modes).items():
+            self.stages[stage_id].attention_mode = mode
 
     def attention_modes(self) -> dict[int, AttentionMode]:
         """Modes in effect for the calling context: persistent ones overlaid by :func:`attention_mode`."""
-        modes = dict(self._attention_modes)
-        for target, spec in _MODE_OVERRIDES.get():
-            if target is None or target is self:
-                modes.update(spec if isinstance(spec, dict) else self.parse_attention_modes(spec))
-        return modes
+        return {stage_id: self.stages[stage_id].current_mode() for stage_id in self.moat_stages}
 
     # -- forward --------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        modes = self.attention_modes()  # resolved once per call, then passed down as arguments
-        x = self.stem(x)
-        for stage_id, stage in enumerate(self.stages):
-            x = stage(x, modes.get(stage_id))
-        return x
+        return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.final_layer_norm(x.mean((2, 3)))
@@ -578,12 +632,15 @@ def attention_mode(model: nn.Module | None, modes: Any) -> Iterator[None]:
     ``model=None`` applies to every MOAT model; otherwise only to that instance. Two threads sharing
     one model may hold different modes at once: the override lives in a ``ContextVar``.
     """
-    spec: Any = modes
-    if model is not None:
-        if not isinstance(model, Moat):
-            raise TypeError(f"expected a Moat model, got {type(model).__name__}")
-        spec = model.parse_attention_modes(modes)  # validate now, not at the first forward
-    token = _MODE_OVERRIDES.set((*_MODE_OVERRIDES.get(), (model, spec)))
+    if model is None:
+        entry: tuple[str, Any] = ("all", modes)
+    elif isinstance(model, Moat):
+        # parsed now, so a bad spec fails here and not at the first forward
+        parsed = model.parse_attention_modes(modes)
+        entry = ("stages", {model.stages[stage_id]: mode for stage_id, mode in parsed.items()})
+    else:
+        raise TypeError(f"expected a Moat model or None, got {type(model).__name__}")
+    token = _MODE_OVERRIDES.set((*_MODE_OVERRIDES.get(), entry))
     try:
         yield
     finally:
@@ -595,9 +652,22 @@ def attention_mode(model: nn.Module | None, modes: Any) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 _EMA_SUFFIX = "/ExponentialMovingAverage"
-_BN_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+_BN_NAMES = {
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+}
 _LN_NAMES = {"gamma": "weight", "beta": "bias"}
 _CONV_NAMES = {"kernel": "weight", "bias": "bias"}
+_BN_LAYERS = ("pre_norm", "expand_norm", "depthwise_norm")
+_CONV_LAYERS = ("expand_conv", "shrink_conv", "shortcut_conv")
+_SE_LAYERS = ("reduce_conv2d", "expand_conv2d")
+
+
+def _conv_leaf(leaf: str) -> tuple[str, str]:
+    """Torch leaf name and layout kind of a Keras Conv2D variable (kernel or bias)."""
+    return _CONV_NAMES[leaf], "conv" if leaf == "kernel" else "plain"
 
 
 def _tf_to_torch_name(name: str) -> tuple[str, str] | None:
@@ -609,7 +679,8 @@ def _tf_to_torch_name(name: str) -> tuple[str, str] | None:
     if parts[0] == "stem" and len(parts) == 3:
         layer, leaf = parts[1], parts[2]
         if re.fullmatch(r"conv_\d+", layer) and leaf in _CONV_NAMES:
-            return f"stem.{layer}.{_CONV_NAMES[leaf]}", "conv" if leaf == "kernel" else "plain"
+            torch_leaf, kind = _conv_leaf(leaf)
+            return f"stem.{layer}.{torch_leaf}", kind
         if re.fullmatch(r"norm_\d+", layer) and leaf in _BN_NAMES:
             return f"stem.{layer}.{_BN_NAMES[leaf]}", "bn"
         return None
@@ -617,27 +688,29 @@ def _tf_to_torch_name(name: str) -> tuple[str, str] | None:
     if match is not None:
         prefix = f"stages.{int(match.group(1))}.{int(match.group(2))}."
         rest = parts[1:]
-        if len(rest) == 2 and rest[0] in ("pre_norm", "expand_norm", "depthwise_norm") and rest[1] in _BN_NAMES:
+        if len(rest) == 2 and rest[0] in _BN_LAYERS and rest[1] in _BN_NAMES:
             return prefix + f"{rest[0]}.{_BN_NAMES[rest[1]]}", "bn"
-        if len(rest) == 2 and rest[0] in ("expand_conv", "shrink_conv", "shortcut_conv") and rest[1] in _CONV_NAMES:
-            return prefix + f"{rest[0]}.{_CONV_NAMES[rest[1]]}", "conv" if rest[1] == "kernel" else "plain"
+        if len(rest) == 2 and rest[0] in _CONV_LAYERS and rest[1] in _CONV_NAMES:
+            torch_leaf, kind = _conv_leaf(rest[1])
+            return prefix + f"{rest[0]}.{torch_leaf}", kind
         if rest == ["depthwise_conv", "depthwise_kernel"]:
             return prefix + "depthwise_conv.weight", "depthwise"
-        if len(rest) == 3 and rest[0] == "se" and rest[1] in ("reduce_conv2d", "expand_conv2d"):
-            if rest[2] in _CONV_NAMES:
-                return prefix + f"se.{rest[1]}.{_CONV_NAMES[rest[2]]}", "conv" if rest[2] == "kernel" else "plain"
+        if len(rest) == 3 and rest[0] == "se" and rest[1] in _SE_LAYERS and rest[2] in _CONV_NAMES:
+            torch_leaf, kind = _conv_leaf(rest[2])
+            return prefix + f"se.{rest[1]}.{torch_leaf}", kind
         if len(rest) == 2 and rest[0] == "attention_norm" and rest[1] in _LN_NAMES:
             return prefix + f"attention_norm.{_LN_NAMES[rest[1]]}", "plain"
         if rest == ["attention", "relative_position_embedding"]:
             return prefix + "attention.relative_position_embedding", "plain"
-        if len(rest) == 3 and rest[0] == "attention" and rest[1] in ("q", "k", "v", "o"):
-            if rest[2] in ("weight", "bias"):
-                return prefix + f"attention.{rest[1]}.{rest[2]}", f"{'o' if rest[1] == 'o' else 'qkv'}_{rest[2]}"
+        if len(rest) == 3 and rest[0] == "attention" and rest[1] in "qkvo" and rest[2] in ("weight", "bias"):
+            kind = ("o_" if rest[1] == "o" else "qkv_") + rest[2]
+            return prefix + f"attention.{rest[1]}.{rest[2]}", kind
         return None
     if len(parts) == 2 and parts[0] == "final_layer_norm" and parts[1] in _LN_NAMES:
         return f"final_layer_norm.{_LN_NAMES[parts[1]]}", "plain"
     if len(parts) == 2 and parts[0] == "logits_head" and parts[1] in _CONV_NAMES:
-        return f"logits_head.{_CONV_NAMES[parts[1]]}", "conv" if parts[1] == "kernel" else "plain"
+        torch_leaf, kind = _conv_leaf(parts[1])
+        return f"logits_head.{torch_leaf}", kind
     return None
 
 
@@ -691,7 +764,9 @@ def convert_tf_variables(
         if kind == "bn" and key.endswith(".running_mean"):
             state[key[: -len("running_mean")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     if strict and skipped:
-        raise ValueError(f"TF variables not part of MOAT: {skipped[:10]}{' ...' if len(skipped) > 10 else ''}")
+        raise ValueError(
+            f"TF variables not part of MOAT: {skipped[:10]}{' ...' if len(skipped) > 10 else ''}"
+        )
     return state
 
 
@@ -737,13 +812,21 @@ default_cfgs = generate_default_cfgs(
     {
         **_tf_cfgs("moat_0", "moat0_imagenet_1k_224"),
         **_tf_cfgs("moat_1", "moat1_imagenet_1k_224"),
-        **_tf_cfgs("moat_2", "moat2_imagenet_22k_and_1k_384", input_size=(3, 384, 384), crop_pct=1.0, **_IN22K_NORM),
-        **_tf_cfgs("moat_3", "moat3_imagenet_22k_and_1k_512", input_size=(3, 512, 512), crop_pct=1.0, **_IN22K_NORM),
-        **_tf_cfgs("moat_4", "moat4_imagenet_22k_and_1k_512", input_size=(3, 512, 512), crop_pct=1.0, **_IN22K_NORM),
+        **_tf_cfgs(
+            "moat_2", "moat2_imagenet_22k_and_1k_384", input_size=(3, 384, 384), crop_pct=1.0, **_IN22K_NORM
+        ),
+        **_tf_cfgs(
+            "moat_3", "moat3_imagenet_22k_and_1k_512", input_size=(3, 512, 512), crop_pct=1.0, **_IN22K_NORM
+        ),
+        **_tf_cfgs(
+            "moat_4", "moat4_imagenet_22k_and_1k_512", input_size=(3, 512, 512), crop_pct=1.0, **_IN22K_NORM
+        ),
         **{
             k: v
             for i in range(4)
-            for k, v in _tf_cfgs(f"tiny_moat_{i}", f"tiny_moat{i}_imagenet_1k_256", input_size=(3, 256, 256)).items()
+            for k, v in _tf_cfgs(
+                f"tiny_moat_{i}", f"tiny_moat{i}_imagenet_1k_256", input_size=(3, 256, 256)
+            ).items()
         },
         "moat_cifar": _cfg(
             num_classes=10,
@@ -775,62 +858,19 @@ def _variant(widths: Sequence[int], depths: Sequence[int], stem_width: int, **kw
     return {"widths": tuple(widths), "depths": tuple(depths), "stem_width": stem_width, **kwargs}
 
 
-@register_model
-def moat_0(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("moat_0", pretrained, **{**_variant((96, 192, 384, 768), (2, 3, 7, 2), 64), **kwargs})
-
-
-@register_model
-def moat_1(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("moat_1", pretrained, **{**_variant((96, 192, 384, 768), (2, 6, 14, 2), 64), **kwargs})
-
-
-@register_model
-def moat_2(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("moat_2", pretrained, **{**_variant((128, 256, 512, 1024), (2, 6, 14, 2), 128), **kwargs})
-
-
-@register_model
-def moat_3(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("moat_3", pretrained, **{**_variant((160, 320, 640, 1280), (2, 12, 28, 2), 160), **kwargs})
-
-
-@register_model
-def moat_4(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("moat_4", pretrained, **{**_variant((256, 512, 1024, 2048), (2, 12, 28, 2), 256), **kwargs})
-
-
-@register_model
-def tiny_moat_0(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("tiny_moat_0", pretrained, **{**_variant((32, 64, 128, 256), (2, 3, 7, 2), 32), **kwargs})
-
-
-@register_model
-def tiny_moat_1(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("tiny_moat_1", pretrained, **{**_variant((40, 80, 160, 320), (2, 3, 7, 2), 40), **kwargs})
-
-
-@register_model
-def tiny_moat_2(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("tiny_moat_2", pretrained, **{**_variant((56, 112, 224, 448), (2, 3, 7, 2), 56), **kwargs})
-
-
-@register_model
-def tiny_moat_3(pretrained: bool = False, **kwargs: Any) -> Moat:
-    return _create_moat("tiny_moat_3", pretrained, **{**_variant((80, 160, 320, 640), (2, 3, 7, 2), 80), **kwargs})
-
-
-@register_model
-def moat_cifar(pretrained: bool = False, **kwargs: Any) -> Moat:
-    """MOAT for 32x32 CIFAR-10 (HybridLens configuration, not from the paper).
-
-    Stem stride 1 (32x32) and stage strides (2, 1, 2, 2) instead of all-stride-2 stem/stages, so the
-    maps are 16x16 (MBConv), 16x16 (MBConv), 8x8 (MOAT) and 4x4 (MOAT): the attention stages keep
-    64 and 16 tokens (at 224 ImageNet they see 14x14 and 7x7). Position embedding sizes equal those
-    maps (P = 8, 4), so global attention at 32x32 uses E unresized; ``'window'`` defaults to 4x4 and
-    2x2 windows, and any window (e.g. ``{2: 4}``) can be chosen at inference.
-    """
-    config = _variant(
+# (widths, depths, stem width) from deeplab2's moat{0..4}_config / tiny_moat{0..3}_config
+_VARIANTS = {
+    "moat_0": _variant((96, 192, 384, 768), (2, 3, 7, 2), 64),
+    "moat_1": _variant((96, 192, 384, 768), (2, 6, 14, 2), 64),
+    "moat_2": _variant((128, 256, 512, 1024), (2, 6, 14, 2), 128),
+    "moat_3": _variant((160, 320, 640, 1280), (2, 12, 28, 2), 160),
+    "moat_4": _variant((256, 512, 1024, 2048), (2, 12, 28, 2), 256),
+    "tiny_moat_0": _variant((32, 64, 128, 256), (2, 3, 7, 2), 32),
+    "tiny_moat_1": _variant((40, 80, 160, 320), (2, 3, 7, 2), 40),
+    "tiny_moat_2": _variant((56, 112, 224, 448), (2, 3, 7, 2), 56),
+    "tiny_moat_3": _variant((80, 160, 320, 640), (2, 3, 7, 2), 80),
+    # HybridLens CIFAR-10 configuration, see moat_cifar
+    "moat_cifar": _variant(
         (64, 128, 192, 320),
         (2, 2, 3, 2),
         32,
@@ -838,5 +878,67 @@ def moat_cifar(pretrained: bool = False, **kwargs: Any) -> Moat:
         stage_strides=(2, 1, 2, 2),
         position_embedding_sizes=(None, None, 8, 4),
         default_windows=(None, None, (4, 4), (2, 2)),
-    )
-    return _create_moat("moat_cifar", pretrained, **{**config, **kwargs})
+    ),
+}
+
+
+def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> Moat:
+    return _create_moat(variant, pretrained, **{**_VARIANTS[variant], **kwargs})
+
+
+@register_model
+def moat_0(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("moat_0", pretrained, kwargs)
+
+
+@register_model
+def moat_1(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("moat_1", pretrained, kwargs)
+
+
+@register_model
+def moat_2(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("moat_2", pretrained, kwargs)
+
+
+@register_model
+def moat_3(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("moat_3", pretrained, kwargs)
+
+
+@register_model
+def moat_4(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("moat_4", pretrained, kwargs)
+
+
+@register_model
+def tiny_moat_0(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("tiny_moat_0", pretrained, kwargs)
+
+
+@register_model
+def tiny_moat_1(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("tiny_moat_1", pretrained, kwargs)
+
+
+@register_model
+def tiny_moat_2(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("tiny_moat_2", pretrained, kwargs)
+
+
+@register_model
+def tiny_moat_3(pretrained: bool = False, **kwargs: Any) -> Moat:
+    return _build("tiny_moat_3", pretrained, kwargs)
+
+
+@register_model
+def moat_cifar(pretrained: bool = False, **kwargs: Any) -> Moat:
+    """MOAT for 32x32 CIFAR-10 (HybridLens configuration, not from the paper).
+
+    Stem stride 1 (32x32) and stage strides (2, 1, 2, 2) instead of stride 2 everywhere, so the maps
+    are 16x16 (MBConv), 16x16 (MBConv), 8x8 (MOAT) and 4x4 (MOAT): the attention stages keep 64 and
+    16 tokens (at 224 ImageNet they see 14x14 and 7x7). The position embedding sizes equal those
+    maps (P = 8, 4), so global attention at 32x32 uses E unresized; ``'window'`` means 4x4 and 2x2
+    windows, and any window (e.g. ``{2: 4}``) can be chosen at inference without retraining.
+    """
+    return _build("moat_cifar", pretrained, kwargs)

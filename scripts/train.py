@@ -135,7 +135,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class WeightEma:
@@ -287,7 +288,8 @@ def run(
         flush=True,
     )
 
-    step, epoch, stopped, last_eval_s, test_acc = 0, 0, "", None, float("nan")
+    step, epoch, stopped, last_eval_s = 0, 0, "", None
+    final_result: tuple[int, int] | None = None
     t_train = time.time()
     while epoch < epochs_planned and not stopped:
         t_epoch = time.time()
@@ -348,20 +350,23 @@ def run(
         if seen == 0:
             break
         epoch += 1
+        mean_loss, train_acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # syncs the device
         train_s = time.time() - t_epoch
         eval_model = ema.module if ema is not None else model
-        final = epoch >= epochs_planned or bool(stopped) or (max_steps and step >= max_steps)
+        final = epoch >= epochs_planned or bool(stopped) or bool(max_steps and step >= max_steps)
         test_text = ""
         if final or epoch % max(1, args.eval_every) == 0:
+            if final:  # training is over: test the weights as they will be stored (fp16)
+                eval_model.load_state_dict(fp16_round_trip(eval_model.state_dict()))
             t_eval = time.time()
             hits, total = evaluate(eval_model, test_gpu, mean, std, args.eval_batch_size, device)
             last_eval_s = time.time() - t_eval
-            test_acc = 100.0 * hits / total
-            test_text = f" test_acc {test_acc:6.2f}%"
+            final_result = (hits, total) if final else None
+            test_text = f" test_acc {100.0 * hits / total:6.2f}%"
         epoch_s = time.time() - t_epoch
         print(
-            f"epoch {epoch:3d}/{epochs_planned} loss {loss_sum.item() / seen:.4f} "
-            f"train_acc {100.0 * correct.item() / seen:6.2f}%{test_text} lr {lr:.2e} "
+            f"epoch {epoch:3d}/{epochs_planned} loss {mean_loss:.4f} "
+            f"train_acc {train_acc:6.2f}%{test_text} lr {lr:.2e} "
             f"{epoch_s:6.1f}s ({seen / train_s:,.0f} img/s train)",
             flush=True,
         )
@@ -375,11 +380,13 @@ def run(
                 if epochs_planned == epoch:
                     stopped = f"time limit {args.time_limit_min} min"
 
-    # -- final: evaluate the weights exactly as they are stored (fp16) so evaluate.py agrees
+    # -- final: the accuracy of the weights exactly as stored (fp16), so evaluate.py agrees
     final_model = ema.module if ema is not None else model
     state = fp16_round_trip(final_model.state_dict())
-    final_model.load_state_dict(state)
-    hits, total = evaluate(final_model, test_gpu, mean, std, args.eval_batch_size, device)
+    if final_result is None:  # the loop stopped before testing the final weights
+        final_model.load_state_dict(state)
+        final_result = evaluate(final_model, test_gpu, mean, std, args.eval_batch_size, device)
+    hits, total = final_result
     test_acc = 100.0 * hits / total
     wall_s = time.time() - t_start
     recipe = {

@@ -60,20 +60,21 @@ def _expected_params(name: str, depth: int) -> int:
     total = fused(3, c0, c0) + fused(c0, c0, c0)  # S0
     total += fused(c0, c1, 2 * c0) + fused(c1, c1, 2 * c1) + c1 * dim + dim + 2 * dim  # S1 CE
     dims = [dim * 2 ** i for i in range(4)]
-    for c_in, c_out in zip(dims[:-1], dims[1:]):
+    for c_in, c_out in zip(dims[:-1], dims[1:], strict=True):
         h = _hidden(c_in, c_out, depth)
         total += mbconv(c_in, c_out, h) + (depth - 1) * mbconv(c_out, c_out, h) + 2 * c_out
-    total += sum(n * 3 * 11 * c for n, c in zip(blocks, dims))  # conv projections: 3 x (dw 3x3 + BN)
+    total += sum(n * 3 * 11 * c for n, c in zip(blocks, dims, strict=True))  # conv projection: 3 x (dw 3x3 + BN)
     total += 2 * dims[-1] + dims[-1] * classes + classes  # final norm + head
     # Swin-shaped blocks: 2 LN, q/k/v/proj, MLP x4, relative position bias table
-    total += sum(n * (12 * c * c + 13 * c + (2 * window - 1) ** 2 * h) for n, c, h in zip(blocks, dims, heads))
+    total += sum(n * (12 * c * c + 13 * c + (2 * window - 1) ** 2 * h) for n, c, h in
+                 zip(blocks, dims, heads, strict=True))
     return total
 
 
 def test_registered_and_cfgs() -> None:
     assert set(NAMES) <= set(timm.list_models("cetnet*"))
     for name in NAMES:
-        cfg = _meta(name).pretrained_cfg
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
         assert cfg["interpolation"] == "bicubic" and not cfg.get("url")
         if name == "cetnet_cifar":
             assert cfg["input_size"] == (3, 32, 32) and cfg["num_classes"] == 10 and cfg["crop_pct"] == 1.0
@@ -105,7 +106,7 @@ def test_ce_depth_layout_and_constant_params(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SWIN))
 def test_blocks_match_swin(name: str) -> None:
     ours, swin = _meta(name), _meta(SWIN[name])
-    ours_blocks = sum(_params(s.blocks, skip="conv_proj_") for s in ours.stages)
+    ours_blocks = sum(_params(s.blocks, skip="conv_proj.") for s in ours.stages)
     swin_blocks = sum(_params(layer.blocks) for layer in swin.layers)
     assert ours_blocks == swin_blocks
     # whole model within 1% of Swin's size (the paper: CETNets match Swin-T/S/B)
@@ -129,25 +130,16 @@ def test_forward_backward_t_224() -> None:
     _check_backward(model, out)
 
 
-@pytest.mark.parametrize("depth", (1, 3, 7))
-def test_forward_backward_t_other_depths_small(depth: int) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model("cetnet_t", ce_depth=depth)
-    out = model(torch.randn(1, 3, 64, 64))
-    assert out.shape == (1, 1000)
-    _check_backward(model, out)
-
-
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_forward_backward_cifar(depth: int) -> None:
     torch.manual_seed(0)
     model = timm.create_model("cetnet_cifar", ce_depth=depth)
-    x = torch.randn(2, 3, 32, 32)
-    assert model.forward_features(x).shape == (2, 256, 2, 2)
+    x = torch.randn(1, 3, 32, 32)
+    assert model.forward_features(x).shape == (1, 256, 2, 2)
     assert [tuple(f.shape[1:]) for f in model.forward_stage_features(x)] == [
         (32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
     out = model(x)
-    assert out.shape == (2, 10)
+    assert out.shape == (1, 10)
     _check_backward(model, out)
 
 
@@ -194,8 +186,8 @@ def test_capture_shapes_rows_and_names(cifar: torch.nn.Module, size: int) -> Non
 
 
 def _window_attention_reference(attn_mod: torch.nn.Module, x: torch.Tensor, window: int, shift: int,
-                                wy: int, wx: int) -> torch.Tensor:
-    """Attention of window (wy, wx) for batch item 0, from the weights and the definition alone.
+                                wy: int, wx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of window (wy, wx) for batch item 0 and which of its queries are real (not padding).
 
     Token a of the window is the original (zero-padded) position ((wy*w + a//w + shift) mod Hp, ...); it may
     attend a key only if the two are genuine neighbours (|dy| < w and |dx| < w before the cyclic roll) and the
@@ -211,24 +203,38 @@ def _window_attention_reference(attn_mod: torch.nn.Module, x: torch.Tensor, wind
     heads = attn_mod.num_heads
     head_dim = chs // heads
 
-    def project(conv_bn: torch.nn.Module, linear: torch.nn.Linear) -> torch.Tensor:
-        conv, bn = conv_bn.conv, conv_bn.bn
-        y = F.conv2d(image, conv.weight, None, 1, 1, 1, chs)
-        y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
-        y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
-        y = y[0].flatten(1).T @ linear.weight.T + linear.bias  # (N, C)
+    # depthwise 3x3 + BN per q/k/v: conv_proj output channel 3c + j is projection j (q, k, v) of channel c
+    conv, bn = attn_mod.conv_proj.conv, attn_mod.conv_proj.bn
+    ys, xs = torch.arange(window), torch.arange(window)
+
+    def project(j: int, linear: torch.nn.Linear) -> torch.Tensor:
+        out = torch.zeros(chs, window, window)
+        for c in range(chs):
+            kernel = conv.weight[3 * c + j, 0]
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    sy, sx = ys + dy, xs + dx
+                    vy, vx = (sy >= 0) & (sy < window), (sx >= 0) & (sx < window)
+                    shifted = torch.zeros(window, window)
+                    shifted[vy[:, None] & vx[None, :]] = image[0, c][sy[vy]][:, sx[vx]].flatten()
+                    out[c] += kernel[dy + 1, dx + 1] * shifted
+        ch = 3 * torch.arange(chs) + j
+        out = (out - bn.running_mean[ch, None, None]) / torch.sqrt(bn.running_var[ch, None, None] + bn.eps)
+        out = out * bn.weight[ch, None, None] + bn.bias[ch, None, None]
+        y = out.flatten(1).T @ linear.weight.T + linear.bias  # (N, C)
         return y.reshape(-1, heads, head_dim).transpose(0, 1)  # (heads, N, hd)
 
-    q = project(attn_mod.conv_proj_q, attn_mod.proj_q)
-    k = project(attn_mod.conv_proj_k, attn_mod.proj_k)
+    q = project(0, attn_mod.proj_q)
+    k = project(1, attn_mod.proj_k)
     logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
     fy, fx, py, px = ay.flatten(), ax.flatten(), oy.flatten(), ox.flatten()
     table = attn_mod.relative_position_bias_table  # rows: (dy + w-1) * (2w-1) + (dx + w-1)
     rows = (fy[:, None] - fy[None, :] + window - 1) * (2 * window - 1) + (fx[:, None] - fx[None, :] + window - 1)
     logits = logits + table[rows].permute(2, 0, 1)
     allowed = ((py[:, None] - py[None, :]).abs() < window) & ((px[:, None] - px[None, :]).abs() < window)
-    allowed &= ((py < height) & (px < width))[None, :]
-    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    real = (py < height) & (px < width)
+    allowed &= real[None, :]
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1), real
 
 
 @pytest.mark.parametrize(("size", "block", "window_yx"), [(32, 1, (3, 3)), (32, 1, (1, 2)), (32, 0, (2, 1)),
@@ -245,10 +251,11 @@ def test_window_attention_recomputed(cifar: torch.nn.Module, size: int, block: i
         target = cifar.stages[0].blocks[block]
         info = maps[f"stages.0.blocks.{block}.attn.window"]
         assert info["shift"] == ((2, 2) if block else (0, 0))
-        ref = _window_attention_reference(target.attn, target.norm1(feat), 4, info["shift"][0], *window_yx)
+        ref, real = _window_attention_reference(target.attn, target.norm1(feat), 4, info["shift"][0], *window_yx)
     n_cols = math.ceil(info["grid"][1] / 4)
     got = maps[f"stages.0.blocks.{block}.attn.attn"][0, :, window_yx[0] * n_cols + window_yx[1]]
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # padded queries are discarded by the model; compare the rows of real tokens
+    torch.testing.assert_close(got[:, real], ref[:, real], atol=1e-5, rtol=1e-4)
 
 
 def test_select_window_only_skips_attention(cifar: torch.nn.Module) -> None:
@@ -290,3 +297,13 @@ def test_threads_capture_their_own_maps(cifar: torch.nn.Module) -> None:
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_local_checkpoint_loads_through_timm(tmp_path: object) -> None:
+    torch.manual_seed(0)
+    source = timm.create_model("cetnet_cifar", ce_depth=3)
+    path = tmp_path / "cetnet_cifar.pth"  # type: ignore[operator]
+    torch.save(source.state_dict(), path)
+    loaded = timm.create_model("cetnet_cifar", ce_depth=3, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

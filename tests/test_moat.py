@@ -72,8 +72,14 @@ def _randomise_norms(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_param_counts(name: str) -> None:
     with_pe, without_pe = PARAMS[name]
-    assert _count(name) == with_pe
-    assert _count(name, use_position_embedding=False) == without_pe
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) == with_pe
+    # use_position_embedding=False only drops the tables (built for real in test_no_pe_tag...)
+    tables = [p for n, p in params.items() if n.endswith("attention.relative_position_embedding")]
+    assert len(tables) == len(model.stages[2]) + len(model.stages[3])
+    assert sum(p.numel() for p in params.values()) - sum(p.numel() for p in tables) == without_pe
 
 
 @pytest.mark.parametrize("name", list(PARAMS_STARRED))
@@ -83,6 +89,7 @@ def test_param_counts_starred(name: str) -> None:
 
 def test_no_pe_tag_and_cifar_config() -> None:
     assert _count("tiny_moat_0.tf_1k_256_no_pe") == PARAMS["tiny_moat_0"][1]
+    assert _count("moat_0", use_position_embedding=False) == PARAMS["moat_0"][1]
     assert 2_000_000 <= _count("moat_cifar") <= 5_000_000
     cfg = timm.create_model("moat_cifar").pretrained_cfg
     assert cfg["input_size"] == (3, 32, 32) and cfg["num_classes"] == 10 and cfg["crop_pct"] == 1.0
@@ -156,7 +163,9 @@ def _resize_matrix(n_out: int, n_in: int) -> np.ndarray:
     return matrix
 
 
-def _reference_attention(module: moat.MoatAttention, x: torch.Tensor, window: tuple[int, int] | None) -> np.ndarray:
+def _reference_attention(
+    module: moat.MoatAttention, x: torch.Tensor, window: tuple[int, int] | None
+) -> np.ndarray:
     """Post-softmax attention (B, heads, N, N) recomputed with loops from the definitions."""
     xs = x.double().numpy()
     batch, height, width, channels = xs.shape
@@ -170,8 +179,12 @@ def _reference_attention(module: moat.MoatAttention, x: torch.Tensor, window: tu
     q, k = project(module.q) * d**-0.5, project(module.k)
     wh, ww = window or (height, width)
     table = module.relative_position_embedding.detach().double().numpy()
-    table = np.einsum("ai,hij,bj->hab", _resize_matrix(2 * wh - 1, table.shape[1]), table,
-                      _resize_matrix(2 * ww - 1, table.shape[2]))
+    table = np.einsum(
+        "ai,hij,bj->hab",
+        _resize_matrix(2 * wh - 1, table.shape[1]),
+        table,
+        _resize_matrix(2 * ww - 1, table.shape[2]),
+    )
     logits = np.einsum("bhnd,bhmd->bhnm", q, k)
     n = height * width
     bias = np.full((heads, n, n), -np.inf)
@@ -188,7 +201,9 @@ def _reference_attention(module: moat.MoatAttention, x: torch.Tensor, window: tu
 
 
 @pytest.mark.parametrize("window", [None, (4, 4), (3, 5)])
-def test_attention_matches_independent_recomputation(cifar: moat.Moat, window: tuple[int, int] | None) -> None:
+def test_attention_matches_independent_recomputation(
+    cifar: moat.Moat, window: tuple[int, int] | None
+) -> None:
     # 8x8 map, P = 8 (no resize for global, resize for windows); float64 for a tight comparison
     module = copy.deepcopy(cifar.stages[2][0].attention).double()
     torch.manual_seed(3)
@@ -242,7 +257,11 @@ def test_window_attention_block_sparse(cifar: moat.Moat, size: int, window: int)
     same = ids[:, None] == ids[None, :]
     for block in range(3):
         attn = maps[f"stages.2.{block}.attention.attn"]
-        assert maps[f"stages.2.{block}.attention.window"] == {"mode": "window", "grid": grid, "window": (4, 4)}
+        assert maps[f"stages.2.{block}.attention.window"] == {
+            "mode": "window",
+            "grid": grid,
+            "window": (4, 4),
+        }
         assert attn.shape == (1, 6, grid[0] * grid[1], grid[0] * grid[1])
         assert torch.all(attn[..., ~same] == 0)  # exactly zero across windows
         assert torch.all(attn[..., same] > 0)
@@ -270,6 +289,14 @@ def test_mode_setter_context_and_parsing(cifar: moat.Moat) -> None:
             torch.testing.assert_close(model(x), reference_window)
         model.set_attention_mode([None, None, "global", "global"])
         torch.testing.assert_close(model(x), reference_global)
+    # timm's features_only wrapper calls the stages directly: the context still applies
+    features = timm.create_model("moat_cifar", features_only=True).eval()
+    with torch.no_grad():
+        global_maps = features(x)
+        with moat.attention_mode(None, {2: 4}):
+            window_maps = features(x)
+    torch.testing.assert_close(window_maps[1], global_maps[1])  # MBConv stage: unchanged
+    assert not torch.equal(window_maps[2], global_maps[2])
     assert model.parse_attention_modes({3: 2}) == {3: moat.AttentionMode("window", (2, 2))}
     assert model.parse_attention_modes("window:14x16")[2] == moat.AttentionMode("window", (14, 16))
     with pytest.raises(ValueError):
@@ -433,7 +460,7 @@ def test_convert_tf_round_trip(cifar: moat.Moat) -> None:
     variables.update({name + "/ExponentialMovingAverage": value for name, value in ema.items()})
     variables["global_step"] = np.array(1000)
     variables["moat/block_02_00/attention/q/weight/Momentum"] = np.zeros(1)
-    assert variables["moat/block_02_00/attention/q/weight:0"].shape == (128, 6, 32)
+    assert variables["moat/block_02_00/attention/q/weight:0"].shape == (192, 6, 32)
     assert variables["moat/block_02_00/attention/o/weight:0"].shape == (6, 32, 192)
     assert variables["moat/block_00_00/depthwise_conv/depthwise_kernel:0"].shape == (3, 3, 256, 1)
     assert variables["moat/logits_head/kernel:0"].shape == (1, 1, 320, 10)
@@ -462,7 +489,9 @@ def test_local_file_loads_through_timm(cifar: moat.Moat, tmp_path: Any) -> None:
 
     path = tmp_path / "moat_cifar.safetensors"
     save_file({k: v.contiguous() for k, v in cifar.state_dict().items()}, str(path))
-    loaded = timm.create_model("moat_cifar", pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
+    loaded = timm.create_model(
+        "moat_cifar", pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+    ).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), cifar(x))

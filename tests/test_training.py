@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -58,17 +59,28 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_imagefolder(tmp_path_factory.mktemp("synthetic"), per_class=4, seed=1)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """train.py exactly as a user runs it: a subprocess, 3 steps, on the synthetic data."""
+@pytest.fixture(scope="module", autouse=True)
+def smoke_process(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """train.py exactly as a user runs it (a subprocess, 3 steps), started first so that its
+    interpreter start-up overlaps the in-process tests below."""
     out = tmp_path_factory.mktemp("out")
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "--smoke", "--max-steps", "3", *TINY_VIT,
          "--data", str(data_root), "--out", str(out), "--checkpoint-id", "tiny-vit", "--seed", "3"],
-        check=False, capture_output=True, text=True, timeout=240, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result.stdout
+    yield process, out
+    if process.poll() is None:  # a selection of tests that never waited for it
+        process.kill()
+        process.communicate()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_process: tuple[subprocess.Popen[str], Path]) -> tuple[Path, str]:
+    process, out = smoke_process
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    return out, stdout
 
 
 # -- loader ----------------------------------------------------------------------------------
@@ -145,6 +157,26 @@ def test_random_erase_rectangles() -> None:
         assert 0.02 * 1024 * 0.5 <= box.numel() <= 1024 / 3 * 1.5
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_distillation_runs(
+    mode: str, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet10t", num_classes=10)
+    info = CheckpointInfo("teacher", "resnet10t", {"num_classes": 10}, class_names=list(CIFAR10_CLASSES))
+    save_checkpoint(teacher.state_dict(), info, tmp_path)
+    train = load_script("train")
+    argv = ["--smoke", *TINY_DEIT, "--data", str(data_root), "--out", str(tmp_path),
+            "--checkpoint-id", "student", "--teacher", "teacher", "--distill", mode]
+    assert train.main(argv) == 0
+    saved = read_info(tmp_path / "student.json")
+    assert saved.recipe["distill"] == mode and saved.recipe["steps"] == 2
+    assert saved.recipe["distill_heads"] == "cls<-labels, dist<-teacher"
+    assert "epoch" in capsys.readouterr().out
+
+
 # -- train.py / evaluate.py ------------------------------------------------------------------
 
 
@@ -189,23 +221,3 @@ def test_evaluate_refuses_bad_input(
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and all(line.startswith("evaluate.py: error: ") for line in errors)
     assert "differ from the checkpoint's classes" in errors[3]
-
-
-@pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_distillation_runs(
-    mode: str, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import timm
-
-    torch.manual_seed(0)
-    teacher = timm.create_model("resnet10t", num_classes=10)
-    info = CheckpointInfo("teacher", "resnet10t", {"num_classes": 10}, class_names=list(CIFAR10_CLASSES))
-    save_checkpoint(teacher.state_dict(), info, tmp_path)
-    train = load_script("train")
-    argv = ["--smoke", *TINY_DEIT, "--data", str(data_root), "--out", str(tmp_path),
-            "--checkpoint-id", "student", "--teacher", "teacher", "--distill", mode]
-    assert train.main(argv) == 0
-    saved = read_info(tmp_path / "student.json")
-    assert saved.recipe["distill"] == mode and saved.recipe["steps"] == 2
-    assert saved.recipe["distill_heads"] == "cls<-labels, dist<-teacher"
-    assert "epoch" in capsys.readouterr().out

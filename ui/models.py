@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
@@ -65,8 +66,8 @@ def bundled_options(names: tuple[str, ...]) -> dict[str, str]:
     for name in names:
         info = weights.find_checkpoint(name)
         if info is not None:
-            accuracy = "accuracy not measured" if info.test_accuracy is None else f"{info.test_accuracy:.1f}%"
-            options[name] = f"bundled, offline, CIFAR-10, {accuracy}"
+            accuracy = "" if info.test_accuracy is None else f", {info.test_accuracy:.0f}% test accuracy"
+            options[name] = f"bundled CIFAR-10{accuracy}"
     return options
 
 
@@ -75,16 +76,18 @@ def default_source(name: str) -> str:
 
 
 def _save_upload(uploaded: Any) -> tuple[str, str]:
-    """Write an uploaded checkpoint to a content-addressed temp file (loaders want a path + suffix)."""
+    """Write an uploaded checkpoint to a content-addressed temp folder under its own (sanitised) name,
+    so loaders get a path with the right suffix and messages name the user's file."""
     data = uploaded.getvalue()
-    suffix = Path(uploaded.name).suffix.lower()
-    UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    path = UPLOAD_DIR / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(uploaded.name).name).lstrip(".") or "checkpoint"
+    folder = UPLOAD_DIR / hashlib.sha256(data).hexdigest()[:24]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     if not path.exists():
-        tmp = path.with_suffix(path.suffix + ".part")
+        tmp = folder / f".{name}.part"
         tmp.write_bytes(data)
         tmp.replace(path)  # atomic: another session never reads half a file
-    return str(path), Path(uploaded.name).name
+    return str(path), name
 
 
 def model_picker(options: Mapping[str, str], *, key: str, default: str, title: str = "Model") -> ModelChoice:

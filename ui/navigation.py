@@ -1,4 +1,9 @@
-"""The app's pages. Adding a page is one line in :data:`PAGES`; tests and app.py read this list."""
+"""The app's pages. Adding a page is one line in :data:`PAGES`; app.py and the tests read this list.
+
+Page scripts live in ``app_pages/``, not ``pages/``: Streamlit treats a ``pages/`` folder next to app.py as
+its legacy multipage mode, which runs a page's script without app.py (no ``st.navigation``, no shared
+sidebar) in AppTest and on the first deep link after a server start.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ class PageSpec:
 
 
 PAGES: tuple[PageSpec, ...] = (
-    PageSpec("pages/home.py", "Home", ":material/home:", default=True),
-    PageSpec("pages/vit_attention.py", "ViT attention", ":material/visibility:"),
+    PageSpec("app_pages/home.py", "Home", ":material/home:", default=True),
+    PageSpec("app_pages/vit_attention.py", "ViT attention", ":material/visibility:"),
 )
 
 

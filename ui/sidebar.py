@@ -126,7 +126,8 @@ def image_picker() -> ImageChoice | None:
             st.error(error)
         choice = current_image()
         if choice is not None:
-            st.image(choice.thumbnail, caption=f"{choice.label} ({choice.size[0]}x{choice.size[1]})")
+            size = f"{choice.size[0]}x{choice.size[1]}"
+            st.image(choice.thumbnail, caption=choice.label if size in choice.label else f"{choice.label} ({size})")
     return choice
 
 

@@ -50,7 +50,7 @@ class AttentionAnalysis:
     def metric_table(self) -> list[dict[str, float | int | str]]:
         """Long table: one row per (layer, head) with every metric; head_independence per layer."""
         rows: list[dict[str, float | int | str]] = []
-        for depth, (name, values) in enumerate(zip(self.layer_names, self.layer_metrics)):
+        for depth, (name, values) in enumerate(zip(self.layer_names, self.layer_metrics, strict=True)):
             for head in range(self.num_heads):
                 row: dict[str, float | int | str] = {"layer": depth, "name": name, "head": head}
                 for metric in metrics.METRIC_NAMES:

@@ -6,6 +6,7 @@ Bad input ends with a one-line message on stderr and a non-zero exit, never a tr
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -59,7 +60,7 @@ def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise CliError(str(error)) from error
     layers = []
-    for name, values in zip(analysis.layer_names, analysis.layer_metrics):
+    for name, values in zip(analysis.layer_names, analysis.layer_metrics, strict=True):
         heads = [
             {metric: float(values[metric][h]) for metric in
              ("query_independence", "entropy", "topk_mass", "gini", "mean_attention_distance")}
@@ -109,6 +110,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vizlib.commands import COMMANDS as PAGE_COMMANDS  # noqa: N811
     parser = argparse.ArgumentParser(prog="python -m vizlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -120,13 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("models", help="registered models and their weight sources")
     listing.add_argument("--json", action="store_true", help="print JSON (the only format)")
+
+    for name, module_name in PAGE_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=module.HELP)
+        module.configure(command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from vizlib.commands import COMMANDS as PAGE_COMMANDS  # noqa: N811
+
     args = build_parser().parse_args(argv)
     try:
-        payload = COMMANDS[args.command](args)
+        if args.command in PAGE_COMMANDS:
+            payload = importlib.import_module(PAGE_COMMANDS[args.command]).run(args)
+        else:
+            payload = COMMANDS[args.command](args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

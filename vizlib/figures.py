@@ -41,14 +41,18 @@ METRIC_HINTS = {
 COLORSCALE = "Inferno"  # matches overlay's default OpenCV colormap
 MODEL_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 QUERY_COLOUR = "#00ffff"  # the same cyan as overlay.MARKER_COLOUR
-TILE_PX = 190
+TILE_PX = 190  # height of one row of small maps (paper view)
+HEAD_TILE_PX = 240  # heads grids have 3-4 columns, so their tiles are wider
 
 
 def image_source(image: np.ndarray, min_side: int = overlay.DISPLAY_SIDE) -> tuple[str, int]:
-    """PNG data URI of the crop upscaled by an integer factor (tiny CIFAR crops stay sharp), and the factor."""
+    """JPEG data URI of the crop upscaled by an integer factor (tiny CIFAR crops stay sharp), and the factor.
+
+    JPEG because every subplot embeds its own copy and each rerun sends them all to the browser.
+    """
     factor = overlay.display_scale(image.shape, min_side)
-    png = overlay.encode_png(overlay.upscale(np.ascontiguousarray(image, dtype=np.uint8), factor))
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii"), factor
+    jpeg = overlay.encode_jpeg(overlay.upscale(np.ascontiguousarray(image, dtype=np.uint8), factor))
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"), factor
 
 
 def _as_stack(maps: object) -> np.ndarray:
@@ -98,7 +102,7 @@ def _add_map(
         qr, qc = query
         fig.add_shape(type="rect", x0=qc * dx, x1=(qc + 1) * dx, y0=qr * dy, y1=(qr + 1) * dy,
                       line={"color": QUERY_COLOUR, "width": 3}, **where)
-    axis = {"showticklabels": False, "showgrid": False, "zeroline": False}
+    axis = {"visible": False}
     fig.update_xaxes(range=[0, width], constrain="domain", **axis, **where)
     fig.update_yaxes(range=[height, 0], scaleanchor=_anchor(fig, row, col), constrain="domain", **axis, **where)
 
@@ -125,6 +129,9 @@ def heatmap_over_image(
 ) -> go.Figure:
     """One (h, w) map over the crop: the query's attention, or the rollout."""
     values = overlay.as_map(values)
+    if zmin is not None or zmax is not None:  # plotly ignores a colour range with only one end set
+        zmin = float(values.min()) if zmin is None else zmin
+        zmax = float(values.max()) if zmax is None else zmax
     source, factor = image_source(image)
     fig = go.Figure()
     _add_map(fig, image, source, factor, values, query=query, opacity=opacity, name=title)
@@ -151,16 +158,16 @@ def heads_grid(
         raise ValueError(f"expected (k, h, w) maps, got shape {stack.shape}")
     count = stack.shape[0]
     titles = list(titles) if titles is not None else [f"head {i + 1}" for i in range(count)]
-    cols = cols or min(count, 6)
+    cols = cols or min(count, 3 if count <= 9 else 4)  # tiles large enough to see a patch
     rows = -(-count // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles,
-                        horizontal_spacing=0.02, vertical_spacing=0.08 / max(rows, 1))
+                        horizontal_spacing=0.02, vertical_spacing=0.12 / max(rows, 1))
     source, factor = image_source(image, min_side=TILE_PX)
     for index in range(count):
         r, c = divmod(index, cols)
         _add_map(fig, image, source, factor, stack[index], r + 1, c + 1, query=query, name=titles[index])
     fig.update_layout(
-        title=title or None, height=rows * TILE_PX + 60, margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        title=title or None, height=rows * HEAD_TILE_PX + 70, margin={"l": 10, "r": 10, "t": 50, "b": 10},
         coloraxis={"colorscale": COLORSCALE, "cmin": 0.0, "cmax": float(stack.max()) if stack.size else 1.0,
                    "colorbar": {"title": {"text": "attention"}, "thickness": 12}},
     )
@@ -186,19 +193,18 @@ def query_grid(
             f"got shape {stack.shape}"
         )
     rows, cols = stack.shape[:2]
-    titles = [f"{row_titles[r]} · query ({q[0]}, {q[1]})" for r in range(rows) for q in queries]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles,
-                        horizontal_spacing=0.02, vertical_spacing=0.08 / max(rows, 1))
+    fig = make_subplots(rows=rows, cols=cols, column_titles=[f"query ({q[0]}, {q[1]})" for q in queries],
+                        row_titles=list(row_titles), horizontal_spacing=0.02, vertical_spacing=0.03)
     source, factor = image_source(image, min_side=TILE_PX)
     for r in range(rows):
         for c, q in enumerate(queries):
             # Each layer row gets its own scale: deep layers are far peakier than shallow ones.
             _add_map(fig, image, source, factor, stack[r, c], r + 1, c + 1, query=q,
-                     name=titles[r * cols + c], coloraxis=None, zmin=0.0, zmax=float(stack[r].max()))
+                     name=f"{row_titles[r]}, query ({q[0]}, {q[1]})", coloraxis=None,
+                     zmin=0.0, zmax=float(stack[r].max()))
     fig.update_traces(showscale=False, selector={"type": "heatmap"})
-    fig.update_annotations(font_size=11)
     fig.update_layout(title=title or None, height=rows * TILE_PX + 60,
-                      margin={"l": 10, "r": 10, "t": 60, "b": 10})
+                      margin={"l": 10, "r": 30, "t": 40, "b": 10})
     return fig
 
 
@@ -276,7 +282,7 @@ def trend_sentence(curves: Mapping[str, Sequence[float]], model: str) -> str:
         _trend(curves["topk_mass"], "the top-5% mass"),
         _trend(curves["entropy"], "the normalised entropy"),
     ]
-    return f"Here, for {model} on this image, {parts[0]}; {parts[1]}; {parts[2]}."
+    return f"For {model} on this image, {parts[0]}; {parts[1]}; {parts[2]}."
 
 
 def comparison_sentence(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
@@ -284,9 +290,12 @@ def comparison_sentence(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> 
     items = list(curves.items())
     entropy = ", ".join(f"{name} {float(v['entropy'][-1]):.2f}" for name, v in items)
     qi = ", ".join(f"{name} {float(v['query_independence'][-1]):.2f}" for name, v in items)
-    smoothest = max(items, key=lambda item: float(item[1]["entropy"][-1]))[0]
+    last = {name: round(float(v["entropy"][-1]), 2) for name, v in items}
+    smoothest = max(last, key=last.__getitem__)
+    verdict = ("they attend equally smoothly" if len(set(last.values())) == 1
+               else f"{smoothest} attends most smoothly")
     return (f"In the last layer the normalised entropy is {entropy} (higher is smoother), and the "
-            f"query-independence is {qi}; on this image {smoothest} attends most smoothly.")
+            f"query-independence is {qi}; on this image {verdict}.")
 
 
 def prediction_text(logits: object, class_names: Sequence[str], k: int = 3) -> str:

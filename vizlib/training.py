@@ -201,6 +201,7 @@ def _write_cache(
                 handle, images=images, labels=labels, class_names=np.asarray(class_names),
                 fingerprint=np.asarray(fingerprint),
             )
+        os.chmod(handle.name, 0o644)  # mkstemp makes it private; other users share the cache too
         os.replace(handle.name, path)
     except OSError:  # read-only data folder: the cache is only an optimisation
         return

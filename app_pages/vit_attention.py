@@ -6,13 +6,9 @@ freely: every view below is a lookup in the cached analysis, never a new forward
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import streamlit as st
-from plotly.graph_objects import Figure
-from streamlit_image_coordinates import streamlit_image_coordinates
 
-from ui import models, sidebar
+from ui import models, sidebar, widgets
 from vizlib import attention, figures, overlay
 from vizlib.attention import AttentionAnalysis
 from vizlib.weights import HUB_MODELS, LoadedModel
@@ -29,38 +25,6 @@ CLAIM = (
 
 def other_bundled(name: str) -> str:
     return PLAIN if "distilled" in name else DISTILLED
-
-
-def clamp_state(key: str, low: int, high: int, default: int) -> None:
-    """Keep a widget's stored value inside its new range (another model has another grid or depth)."""
-    value = st.session_state.get(key, default)
-    st.session_state[key] = min(max(int(value), low), high)
-
-
-def on_click(grid: tuple[int, int]) -> Callable[[], None]:
-    """Callback for the clickable image: a click sets the row/column inputs (runs before the rerun)."""
-
-    def update() -> None:
-        click = st.session_state.get("vit_click")
-        if click and click.get("width") and click.get("height"):
-            row, col = overlay.pixel_to_patch(click["x"], click["y"], click["width"], click["height"], grid)
-            st.session_state["vit_row"], st.session_state["vit_col"] = row, col
-
-    return update
-
-
-def downloads(name: str, png: bytes | None = None, fig: Figure | None = None, csv: str | None = None) -> None:
-    """PNG (OpenCV), HTML (plotly, built only when clicked) and CSV buttons in one row."""
-    columns = iter(st.columns(3))
-    if png is not None:
-        next(columns).download_button("PNG", png, f"{name}.png", "image/png", key=f"png_{name}",
-                                      icon=":material/image:")
-    if fig is not None:
-        next(columns).download_button("HTML", lambda: figures.figure_html(fig), f"{name}.html", "text/html",
-                                      key=f"html_{name}", icon=":material/code:")
-    if csv is not None:
-        next(columns).download_button("CSV", csv, f"{name}.csv", "text/csv", key=f"csv_{name}",
-                                      icon=":material/table:")
 
 
 def analyse(
@@ -84,15 +48,28 @@ def model_label(choice: models.ModelChoice) -> str:
     return choice.name if choice.weights == "bundled" else choice.label
 
 
+def follow_model_change(grid: tuple[int, int], depth: int) -> None:
+    """Another model (grid, depth): keep the query at the same place and the layer at the same depth."""
+    state = st.session_state
+    old_grid, old_depth = state.get("vit_grid"), state.get("vit_depth")
+    if old_grid and tuple(old_grid) != grid and "vit_row" in state and "vit_col" in state:
+        state["vit_row"], state["vit_col"] = overlay.relative_patch((state["vit_row"], state["vit_col"]),
+                                                                    old_grid, grid)
+    if old_depth and old_depth != depth and "vit_layer" in state:
+        state["vit_layer"] = overlay.relative_layer(state["vit_layer"], old_depth, depth)
+    state["vit_grid"], state["vit_depth"] = grid, depth
+
+
 def query_panel(
     result: AttentionAnalysis, crop: object, label: str, class_names: list[str]
 ) -> tuple[int, int, int, int | None]:
     """Clickable overlay, query/layer/head pickers and readout; returns (row, col, layer, head)."""
     h, w = result.grid
     depth, heads = len(result.layers), result.num_heads
-    clamp_state("vit_row", 0, h - 1, h // 2)
-    clamp_state("vit_col", 0, w - 1, w // 2)
-    clamp_state("vit_layer", 1, depth, depth)
+    follow_model_change((h, w), depth)
+    widgets.clamp_state("vit_row", 0, h - 1, h // 2)
+    widgets.clamp_state("vit_col", 0, w - 1, w // 2)
+    widgets.clamp_state("vit_layer", 1, depth, depth)
     head_options = [MEAN_OF_HEADS] + [f"head {i + 1}" for i in range(heads)]
     if st.session_state.get("vit_head") not in head_options:
         st.session_state["vit_head"] = MEAN_OF_HEADS
@@ -109,12 +86,12 @@ def query_panel(
         st.caption(f"{label} predicts: {figures.prediction_text(result.logits, class_names)}")
     values = result.query_map(layer - 1, head, row * w + col)
     with picture:
-        image = overlay.render_overlay(crop, values, result.grid, (row, col))
-        streamlit_image_coordinates(image, key="vit_click", on_click=on_click((h, w)), cursor="crosshair")
+        image = overlay.render_overlay(crop, values, result.grid, (row, col), vmin=0.0)
+        widgets.clickable_patches(image, (h, w), key="vit_click", row_key="vit_row", col_key="vit_col")
         st.caption("Click a patch to make it the query. Colour: how much the query (cyan box) attends to "
                    "each patch in this layer.")
-        downloads(f"attention_L{layer}_q{row}-{col}", overlay.encode_png(image),
-                  figures.heatmap_over_image(crop, values, query=(row, col),
+        widgets.downloads(f"attention_L{layer}_q{row}-{col}", overlay.encode_png(image),
+                  figures.heatmap_over_image(crop, values, query=(row, col), zmin=0.0,
                                              title=f"{label}, layer {layer}, query ({row}, {col})"))
     return row, col, layer, head
 
@@ -127,7 +104,7 @@ def heads_tab(result: AttentionAnalysis, crop: object, row: int, col: int, layer
     tiles = [overlay.label(overlay.render_overlay(crop, m, result.grid, (row, col), min_side=192,
                                                   vmin=0.0, vmax=float(maps.max())), t)
              for m, t in zip(maps, titles, strict=True)]
-    downloads(f"heads_L{layer}_q{row}-{col}", overlay.encode_png(overlay.tile(tiles, cols=6)), fig)
+    widgets.downloads(f"heads_L{layer}_q{row}-{col}", overlay.encode_png(overlay.tile(tiles, cols=6)), fig)
 
 
 def paper_tab(result: AttentionAnalysis, crop: object, row: int, col: int) -> None:
@@ -143,9 +120,9 @@ def paper_tab(result: AttentionAnalysis, crop: object, row: int, col: int) -> No
     st.plotly_chart(fig, key="vit_paper_fig")
     st.caption("Paper view: each row is a layer, each column a query patch (cyan). Where a row looks the same "
                "in every column, that layer's attention is query-independent. Mean of heads.")
-    tiles = [overlay.label(overlay.render_overlay(crop, m, result.grid, q, min_side=192), f"L{layer} q{q}")
+    tiles = [overlay.label(overlay.render_overlay(crop, m, result.grid, q, min_side=192, vmin=0.0), f"L{layer} q{q}")
              for layer, ms in zip(layers, maps, strict=True) for m, q in zip(ms, queries, strict=True)]
-    downloads(f"queries_q{row}-{col}", overlay.encode_png(overlay.tile(tiles, cols=len(queries))), fig)
+    widgets.downloads(f"queries_q{row}-{col}", overlay.encode_png(overlay.tile(tiles, cols=len(queries))), fig)
 
 
 def metrics_tab(results: dict[str, AttentionAnalysis]) -> None:
@@ -157,7 +134,7 @@ def metrics_tab(results: dict[str, AttentionAnalysis]) -> None:
     st.caption(" · ".join(f"**{figures.METRIC_LABELS[m]}**: {figures.METRIC_HINTS[m]}" for m in figures.METRIC_ORDER)
                + ". Lines: mean over heads; dots: single heads.")
     rows = [{"model": label, **row} for label, r in results.items() for row in r.metric_table()]
-    downloads("attention_metrics", fig=fig, csv=figures.table_csv(rows))
+    widgets.downloads("attention_metrics", fig=fig, csv=figures.table_csv(rows))
 
 
 def rollout_tab(result: AttentionAnalysis, crop: object) -> None:
@@ -169,7 +146,7 @@ def rollout_tab(result: AttentionAnalysis, crop: object) -> None:
     st.caption("Attention rollout (Abnar & Zuidema): attention multiplied through all layers, read from the "
                "class token, divided by its maximum.")
     png = overlay.render_overlay(crop, result.rollout, result.grid, show_grid=False, vmin=0.0)
-    downloads("rollout", overlay.encode_png(png), fig)
+    widgets.downloads("rollout", overlay.encode_png(png), fig)
 
 
 def side_by_side(first: tuple[str, AttentionAnalysis, object], second: tuple[str, AttentionAnalysis, object],
@@ -178,17 +155,16 @@ def side_by_side(first: tuple[str, AttentionAnalysis, object], second: tuple[str
     st.subheader("Two models side by side")
     tiles = []
     for column, (label, result, crop) in zip(st.columns(2), (first, second), strict=True):
-        base_depth, depth = len(first[1].layers), len(result.layers)
-        at = layer if depth == base_depth else max(1, round(layer * depth / base_depth))
+        at = overlay.relative_layer(layer, len(first[1].layers), len(result.layers))
         q = overlay.relative_patch((row, col), first[1].grid, result.grid)
         values = result.query_map(at - 1, None, q[0] * result.grid[1] + q[1])
         column.plotly_chart(figures.heatmap_over_image(crop, values, query=q, title=f"{label}: layer {at}",
-                                                       height=360), key=f"vit_pair_{label}")
-        tiles.append(overlay.label(overlay.render_overlay(crop, values, result.grid, q, min_side=256),
+                                                       height=360, zmin=0.0), key=f"vit_pair_{label}")
+        tiles.append(overlay.label(overlay.render_overlay(crop, values, result.grid, q, min_side=256, vmin=0.0),
                                    f"{label} L{at}"))
     curves = {first[0]: first[1].layer_means(), second[0]: second[1].layer_means()}
     st.markdown(figures.comparison_sentence(curves))
-    downloads(f"two_models_L{layer}_q{row}-{col}", overlay.encode_png(overlay.tile(tiles, cols=2)))
+    widgets.downloads(f"two_models_L{layer}_q{row}-{col}", overlay.encode_png(overlay.tile(tiles, cols=2)))
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -206,7 +182,7 @@ forward, used, loaded = analyse(choice, image)
 result: AttentionAnalysis = forward.result
 label = model_label(used)
 curves = result.layer_means()
-st.markdown(f"**This image.** {figures.trend_sentence(curves, label)}")
+st.markdown(f"**This model, this image.** {figures.trend_sentence(curves, label)}")
 if used.weights == "bundled" and (loaded.checkpoint is None or loaded.checkpoint.test_accuracy is None):
     st.caption(f"{loaded.weights}: no test accuracy is recorded for these weights, so read the numbers "
                "as a demonstration of the measurements, not of a trained model.")
@@ -224,13 +200,9 @@ if second is not None:
     results[label_b] = forward_b.result
     side_by_side((label, result, forward.crop), (label_b, forward_b.result, forward_b.crop), row, col, layer)
 
-heads, paper, curves_tab, rollout = st.tabs(["All heads", "Several queries (paper view)", "Metrics per layer",
-                                             "Rollout"])
-with heads:
-    heads_tab(result, forward.crop, row, col, layer)
-with paper:
-    paper_tab(result, forward.crop, row, col)
-with curves_tab:
-    metrics_tab(results)
-with rollout:
-    rollout_tab(result, forward.crop)
+widgets.run_open_tab({
+    "All heads": lambda: heads_tab(result, forward.crop, row, col, layer),
+    "Several queries (paper view)": lambda: paper_tab(result, forward.crop, row, col),
+    "Metrics per layer": lambda: metrics_tab(results),
+    "Rollout": lambda: rollout_tab(result, forward.crop),
+}, key="vit_tab")
