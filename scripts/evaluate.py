@@ -69,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
         model, info = load_checkpoint_model(args.checkpoint)
     except (FileNotFoundError, CheckpointError) as error:
         return fail(str(error))
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return fail(f"{data_dir} holds train/ and test/: point --data at the split, e.g. {data_dir / 'test'}.")
     try:
         _, _, folder_classes = list_imagefolder(data_dir)
     except DataError as error:
         return fail(str(error))
     if info.class_names and folder_classes != info.class_names:
-        if {"train", "test"} <= set(folder_classes):
-            return fail(f"{data_dir} holds train/ and test/: point --data at the split, e.g. {data_dir / 'test'}.")
         return fail(
             f"the class folders of {data_dir} ({', '.join(folder_classes)}) differ from the checkpoint's "
             f"classes ({', '.join(info.class_names)}), so labels would not line up."

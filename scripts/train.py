@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+T_PROCESS = time.time()  # before the heavy imports below
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
 import numpy as np  # noqa: E402
@@ -45,6 +46,7 @@ from vizlib.training import (  # noqa: E402
     CheckpointError,
     DataError,
     ImageSet,
+    TimeBudget,
     evaluate,
     fp16_round_trip,
     hardware_string,
@@ -103,7 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--distill-tau", type=float, default=1.0, help="temperature of soft distillation")
     p.add_argument("--eval-every", type=int, default=1, help="test-set evaluation every N epochs (last always)")
     p.add_argument("--eval-batch-size", type=int, default=1000)
-    p.add_argument("--time-limit-min", type=float, help="shorten the schedule / stop to finish within M minutes")
+    p.add_argument(
+        "--time-limit-min", type=float,
+        help="fit the LR schedule so the run (start-up, data, training, test, save) ends within M minutes",
+    )
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--notes", default="", help="free text for the model card")
     p.add_argument("--smoke", action="store_true", help="2 steps (or --max-steps) on a synthetic ImageFolder (or --data), temp out")
@@ -186,7 +191,9 @@ def distill_loss(
 
 
 def main(argv: list[str] | None = None) -> int:
-    t_start = time.time()
+    # The time limit and the recorded wall time count from the interpreter's start when run as a
+    # script (importing torch + timm takes seconds), from this call when called in-process.
+    t_start = T_PROCESS if argv is None else time.time()
     args = parse_args(argv)
     shown_argv = sys.argv[1:] if argv is None else argv
     command = "python scripts/train.py " + shlex.join(shown_argv)
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     temp = tempfile.TemporaryDirectory(prefix="hybridlens-smoke-") if args.smoke else None
     try:
         # -- data (decoded before CUDA starts, so the decoding pool may fork)
-        if args.smoke and not (args.data or args.train_dir):
+        synthetic = args.smoke and not (args.data or args.train_dir)
+        if synthetic:
             assert temp is not None
             data_root = make_synthetic_imagefolder(Path(temp.name) / "data", seed=args.seed)
             train_dir, test_dir, shown = data_root / "train", data_root / "test", "synthetic (temp dir)"
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             train_dir = Path(args.train_dir) if args.train_dir else root / "train"  # type: ignore[operator]
             test_dir = Path(args.test_dir) if args.test_dir else root / "test"  # type: ignore[operator]
             shown = args.data if args.data else f"{args.train_dir} + {args.test_dir}"
-        cache = not (args.no_cache or args.smoke)
+        # A smoke run on real data writes the decoded cache too, so it can prepare a parallel fan-out.
+        cache = not (args.no_cache or synthetic)
         t_data = time.time()
         try:
             train = load_imagefolder(train_dir, cache=cache, workers=args.workers)
@@ -275,10 +284,19 @@ def run(
     batch_size = min(args.batch_size, SMOKE_BATCH if args.smoke else args.batch_size, len(train))
     steps_per_epoch = max(1, len(train) // batch_size)  # drop the ragged last batch: static shapes
     max_steps = (args.max_steps or SMOKE_STEPS) if args.smoke else args.max_steps
-    epochs_planned = math.ceil(max_steps / steps_per_epoch) if args.smoke else args.epochs
-    warmup = round(args.warmup_epochs * steps_per_epoch)
+    epochs_requested = math.ceil(max_steps / steps_per_epoch) if args.smoke else args.epochs
+    requested_steps = epochs_requested * steps_per_epoch
+    if max_steps:
+        requested_steps = min(requested_steps, max_steps)
+    total_steps = requested_steps
+    warmup_requested = round(args.warmup_epochs * steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    limit_s = args.time_limit_min * 60 if args.time_limit_min else None
+    budget = None
+    if args.time_limit_min:
+        budget = TimeBudget(
+            args.time_limit_min * 60, t_start, requested_steps, steps_per_epoch, args.eval_every,
+            len(test), batch_size,
+        )
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{args.model} {model_kwargs} ({n_params / 1e6:.2f} M params) on {device} "
@@ -288,27 +306,31 @@ def run(
         flush=True,
     )
 
-    step, epoch, stopped, last_eval_s = 0, 0, "", None
+    step, epoch, stopped, lr = 0, 0, "", 0.0
     final_result: tuple[int, int] | None = None
     t_train = time.time()
-    while epoch < epochs_planned and not stopped:
+    while step < total_steps and not stopped:
         t_epoch = time.time()
         model.train()
-        total_steps = epochs_planned * steps_per_epoch
-        if max_steps:
-            total_steps = min(total_steps, max_steps)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
         order = torch.randperm(len(train), device=device, generator=generator)
         for batch_index in range(steps_per_epoch):
-            if max_steps and step >= max_steps:
-                stopped = f"max_steps={max_steps}"
+            if budget is not None:
+                now = time.time()
+                planned = budget.plan(step, total_steps, now)
+                if _epochs(planned, steps_per_epoch) != _epochs(total_steps, steps_per_epoch):
+                    print(f"time limit: schedule fitted to {planned} steps "
+                          f"(~{_epochs(planned, steps_per_epoch)} epochs)", flush=True)
+                total_steps = planned
+                if step < total_steps and budget.out_of_time(now):  # safety net; plan() ends it first
+                    stopped = f"time limit {args.time_limit_min} min"
+                    break
+            if step >= total_steps:
                 break
-            if limit_s and time.time() - t_start > limit_s - _reserve_s(last_eval_s):
-                stopped = f"time limit {args.time_limit_min} min"
-                break
-            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+            # Warm-up capped at a fifth of the schedule, which a time limit may have shortened.
+            lr = lr_at(step, total_steps, min(warmup_requested, total_steps // 5), args.lr, args.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             index = order[batch_index * batch_size:(batch_index + 1) * batch_size]
@@ -353,32 +375,23 @@ def run(
         mean_loss, train_acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # syncs the device
         train_s = time.time() - t_epoch
         eval_model = ema.module if ema is not None else model
-        final = epoch >= epochs_planned or bool(stopped) or bool(max_steps and step >= max_steps)
+        final = step >= total_steps or bool(stopped)
         test_text = ""
         if final or epoch % max(1, args.eval_every) == 0:
             if final:  # training is over: test the weights as they will be stored (fp16)
                 eval_model.load_state_dict(fp16_round_trip(eval_model.state_dict()))
             t_eval = time.time()
             hits, total = evaluate(eval_model, test_gpu, mean, std, args.eval_batch_size, device)
-            last_eval_s = time.time() - t_eval
+            if budget is not None:
+                budget.record_eval(time.time() - t_eval)
             final_result = (hits, total) if final else None
             test_text = f" test_acc {100.0 * hits / total:6.2f}%"
-        epoch_s = time.time() - t_epoch
         print(
-            f"epoch {epoch:3d}/{epochs_planned} loss {mean_loss:.4f} "
+            f"epoch {epoch:3d}/{_epochs(total_steps, steps_per_epoch)} loss {mean_loss:.4f} "
             f"train_acc {train_acc:6.2f}%{test_text} lr {lr:.2e} "
-            f"{epoch_s:6.1f}s ({seen / train_s:,.0f} img/s train)",
+            f"{time.time() - t_epoch:6.1f}s ({seen / train_s:,.0f} img/s train)",
             flush=True,
         )
-        if limit_s and not stopped:
-            # Shrink the cosine so it ends inside the limit instead of being cut at a high LR.
-            left = limit_s - (time.time() - t_start) - _reserve_s(last_eval_s)
-            fit = epoch + int(left // epoch_s)
-            if fit < epochs_planned:
-                epochs_planned = max(fit, epoch)
-                print(f"time limit: schedule shortened to {epochs_planned} epochs", flush=True)
-                if epochs_planned == epoch:
-                    stopped = f"time limit {args.time_limit_min} min"
 
     # -- final: the accuracy of the weights exactly as stored (fp16), so evaluate.py agrees
     final_model = ema.module if ema is not None else model
@@ -390,11 +403,13 @@ def run(
     test_acc = 100.0 * hits / total
     wall_s = time.time() - t_start
     recipe = {
-        "model_kwargs": model_kwargs, "epochs_requested": args.epochs, "epochs_completed": epoch,
-        "steps": step, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
+        "model_kwargs": model_kwargs, "epochs_requested": epochs_requested,
+        "epochs_completed": round(step / steps_per_epoch, 2), "steps": step, "steps_requested": requested_steps,
+        "steps_scheduled": total_steps, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
         "optimizer": "AdamW(betas=(0.9, 0.999)), no decay on 1-D params/tokens", "lr": args.lr,
         "min_lr": args.min_lr, "schedule": "linear warm-up + cosine, per step",
-        "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs, "warmup_steps": min(warmup_requested, total_steps // 5),
+        "weight_decay": args.weight_decay,
         "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad,
         "augmentation": _augment_text(args), "mixup_alpha": args.mixup, "random_erasing": args.random_erasing,
         "ema_decay": args.ema_decay, "precision": "bf16 autocast" if use_bf16 else "fp32",
@@ -411,6 +426,8 @@ def run(
         part for part in (
             args.notes,
             f"Data loading took {data_s:.1f} s of the wall time; training {time.time() - t_train:.0f} s.",
+            f"The time limit fitted the schedule to {total_steps} of {requested_steps} steps."
+            if total_steps != requested_steps else "",
             f"Stopped early: {stopped}." if stopped and not args.smoke else "",
         ) if part
     )
@@ -443,9 +460,8 @@ def _augment_text(args: argparse.Namespace) -> str:
     return ", ".join(parts) or "none"
 
 
-def _reserve_s(last_eval_s: float | None) -> float:
-    """Seconds to keep for the final evaluation and saving (a guess until one evaluation is timed)."""
-    return 30.0 if last_eval_s is None else 2 * last_eval_s + 10
+def _epochs(steps: int, steps_per_epoch: int) -> int:
+    return math.ceil(steps / steps_per_epoch)
 
 
 if __name__ == "__main__":

@@ -257,3 +257,136 @@ def test_uploaded_checkpoint_is_used_and_a_bad_one_explained() -> None:
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and "broken.safetensors" in errors[0], errors
     assert "Query patch" in readout(at)
+
+
+FCVIT_PAGE = "app_pages/fcvit_global_context.py"
+C2F_PAGE = "app_pages/conv2former_modulation.py"
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Counts real analyses: the pages call ``module.name`` through the module at run time."""
+    calls: list[int] = []
+    original: Callable = getattr(module, name)
+
+    def counting(model: object, x: object) -> object:
+        calls.append(1)
+        return original(model, x)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_fcvit_page_on_bundled_weights_pickers_are_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vizlib import fcvit_view
+
+    calls = _count_calls(monkeypatch, fcvit_view, "analyse_fcvit")
+    at = open_app(FCVIT_PAGE)
+    assert_clean(at)
+    assert any("last layer of vit_cifar has a query-independence of" in m.value for m in at.markdown)
+    at.selectbox(key="fcvit_block").set_value("network.0.0")
+    at.radio(key="fcvit_module").set_value("gc2")
+    at.selectbox(key="fcvit_kind").set_value("distribution")
+    at.selectbox(key="fcvit_head").set_value("head 3").run()
+    assert_clean(at)
+    assert any("32×32 positions" in c.value for c in at.caption)  # stage 1 of fcvit_cifar at 32 px
+    at.session_state["fcvit_tab"] = "Change with depth"
+    at.run()
+    assert_clean(at)
+    assert any("spatial spread" in m.value for m in at.markdown)
+    assert len(calls) == 1  # block, module, map, head and tab were lookups
+    at.sidebar.selectbox(key="fcvit_model").set_value("fcvit_tiny").run()  # official: needs a file
+    assert_clean(at)
+    assert any("upload its official checkpoint" in i.value for i in at.info)
+    assert len(calls) == 1  # ... and the bundled fallback is the cached analysis
+
+
+def test_conv2former_page_on_bundled_weights_pickers_are_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vizlib import conv2former_view
+
+    calls = _count_calls(monkeypatch, conv2former_view, "analyse_conv2former")
+    at = open_app(C2F_PAGE)
+    assert_clean(at)
+    assert any(m.value.startswith("At the end of stage 1 of conv2former_cifar") and "random init k=11" in m.value
+               for m in at.markdown)
+    at.selectbox(key="c2f_block").set_value("stages.2.3").run()  # the group labels follow the block's width
+    assert at.selectbox(key="c2f_group").options[2] == "group 2 (channels 20–39)"  # 160 channels / 8
+    at.selectbox(key="c2f_group").set_value("group 2 (channels 20–39)").run()
+    assert_clean(at)
+    assert any(c.value.startswith("stage 3 · block 4, group 2") for c in at.caption)
+    at.radio(key="c2f_stage").set_value(3).run()
+    assert any(m.value.startswith("At the end of stage 4") for m in at.markdown)
+    for name in ("All channel groups", "Numbers per block"):
+        at.session_state["c2f_tab"] = name
+        at.run()
+        assert_clean(at)
+    assert len(calls) == 1
+
+
+MF_PAGE = "app_pages/mobile_former_bridge.py"
+MOAT_PAGE = "app_pages/moat_windows.py"
+
+
+def _count_any(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Like _count_calls, for analyses that take more than (model, x) (window, query)."""
+    calls: list[int] = []
+    original: Callable = getattr(module, name)
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_mobile_former_page_on_bundled_weights_pickers_are_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vizlib import mobile_former_view
+
+    calls = _count_any(monkeypatch, mobile_former_view, "analyse_mobile_former")
+    at = open_app(MF_PAGE)
+    assert_clean(at)
+    assert any(m.value.startswith("**This model, this image.** In block 1 (features.1) the 6 tokens")
+               for m in at.markdown)
+    at.slider(key="mf_block").set_value(8)
+    at.selectbox(key="mf_head").set_value("head 2")
+    at.selectbox(key="mf_token").set_value(3).run()
+    assert_clean(at)
+    assert any("In block 8 (features.8)" in m.value for m in at.markdown)
+    assert any("where token 3 reads from (4×4 block input" in c for c in (i.caption for i in at.get("imgs"))
+               if c) or any("token 3" in str(i.proto) for i in at.get("imgs"))
+    for name in ("Pixel → token (Mobile←Former)", "Token regions through the blocks", "Token similarity"):
+        at.session_state["mf_tab"] = name
+        at.run()
+        assert_clean(at)
+    assert len(calls) == 1  # block, head, token and tabs were lookups
+    at.sidebar.selectbox(key="mf_model").set_value("mobile_former_508m").run()  # official: needs a file
+    assert_clean(at)
+    assert any("has no bundled weights" in i.value for i in at.info)
+    assert len(calls) == 1  # ... and the bundled fallback is the cached analysis
+
+
+def test_moat_page_on_bundled_weights_query_block_and_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vizlib import moat_view
+
+    analyses = _count_any(monkeypatch, moat_view, "analyse_moat")
+    fields = _count_any(monkeypatch, moat_view, "receptive_field")
+    at = open_app(MOAT_PAGE)
+    assert_clean(at)
+    assert any("10.6% test accuracy" in w.value for w in at.warning)  # the undertrained bundled weights say so
+    assert any(m.value.startswith("**Query: row 4, column 4** of the 8×8 grid · stages.3.1") for m in at.markdown)
+    assert any("attention alone keeps the query's gradient inside its window (0% outside" in m.value
+               for m in at.markdown)
+    at.selectbox(key="moat_block").set_value("stages.2.1")
+    at.selectbox(key="moat_head").set_value("head 2").run()
+    assert_clean(at)
+    assert (len(analyses), len(fields)) == (1, 1)  # block and head are lookups
+    at.number_input(key="moat_row").set_value(1).run()
+    assert_clean(at)
+    assert any(m.value.startswith("**Query: row 1, column 4**") for m in at.markdown)
+    assert (len(analyses), len(fields)) == (1, 2)  # a new query: its receptive field, not a new analysis
+    at.number_input(key="moat_row").set_value(4).run()
+    assert (len(analyses), len(fields)) == (1, 2)  # a query seen before is cached
+    at.sidebar.selectbox(key="moat_window").set_value("2×2").run()
+    assert_clean(at)
+    assert any("windows 2×2" in m.value for m in at.markdown)
+    assert (len(analyses), len(fields)) == (2, 3)

@@ -50,7 +50,7 @@ def test_capture_equals_timm_attention_extract(name: str, kwargs: dict, prefix: 
     with torch.no_grad():
         reference = extractor(x)
     assert len(reference) == len(maps)
-    for (_, ours), theirs in zip(maps.items(), reference.values()):
+    for (_, ours), theirs in zip(maps.items(), reference.values(), strict=True):
         assert ours.shape == (2, 3, prefix + 16, prefix + 16)
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 

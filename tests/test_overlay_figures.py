@@ -245,6 +245,9 @@ def test_sentences_read_out_the_numbers() -> None:
     assert "query-independence rises from 0.42 in layer 1 to 0.91 in layer 8" in text
     assert "entropy falls from 0.90 in layer 1 to 0.35 in layer 8" in text
     assert "top-5% mass stays at 0.50" in text
+    assert "more query-independent than the first, but not sparser" in text
+    curves["topk_mass"] = [0.1] * 7 + [0.3]
+    assert "as the paper observed" in figures.trend_sentence(curves, "vit_cifar")
     other = {**curves, "entropy": [0.9] * 8}
     both = figures.comparison_sentence({"plain": curves, "distilled": other})
     assert "plain 0.35, distilled 0.90" in both and "distilled attends most smoothly" in both
@@ -253,7 +256,9 @@ def test_sentences_read_out_the_numbers() -> None:
 
 def test_prediction_text_and_csv() -> None:
     text = figures.prediction_text(torch.tensor([0.0, 3.0, 1.0]), ["cat", "dog", "frog"], k=2)
-    assert text.startswith("dog ") and ", frog " in text and "cat" not in text
+    assert text == "dog 84%, frog 11%"
+    tiny = figures.prediction_text(torch.tensor([0.0, 9.0]), ["tabby, tabby cat", "tiger cat"], k=2)
+    assert tiny == "tiger cat 100%, tabby 0.0%"
     rows = [{"layer": 0, "head": 0, "entropy": 0.5}, {"layer": 0, "head": 1, "entropy": 0.25, "model": "m"}]
     parsed = list(csv.DictReader(io.StringIO(figures.table_csv(rows))))
     assert parsed[1] == {"layer": "0", "head": "1", "entropy": "0.25", "model": "m"}

@@ -27,6 +27,7 @@ from vizlib.checkpoints import (
     save_checkpoint,
 )
 from vizlib.training import (
+    TimeBudget,
     cache_path,
     crop_flip,
     load_imagefolder,
@@ -177,6 +178,47 @@ def test_distillation_runs(
     assert "epoch" in capsys.readouterr().out
 
 
+# -- time limit ------------------------------------------------------------------------------
+
+
+def simulate_budget(
+    step_seconds: list[float], limit_s: float = 60.0, requested: int = 5000, steps_per_epoch: int = 100
+) -> dict[str, float]:
+    """Drive TimeBudget with a fake clock the way train.py does: steps, then 1 s of testing per epoch."""
+    eval_s = 1.0
+    budget = TimeBudget(limit_s, 0.0, requested, steps_per_epoch, 1, 1000, 100)
+    now, step, total, cut = 0.0, 0, requested, False
+    while step < total:
+        total = budget.plan(step, total, now)
+        if budget.out_of_time(now):
+            cut = True
+            break
+        if step >= total:
+            break
+        now += step_seconds[min(step, len(step_seconds) - 1)]
+        step += 1
+        if step % steps_per_epoch == 0 or step >= total:
+            now += eval_s
+            budget.record_eval(eval_s)
+    return {"steps": step, "total": total, "end": now, "cut": cut}
+
+
+def test_time_budget_fits_schedule_to_limit() -> None:
+    steady = simulate_budget([0.1])
+    # The schedule ends by itself (not cut at a high LR), inside the limit, using most of it.
+    assert not steady["cut"] and steady["steps"] == steady["total"]
+    assert 45.0 < steady["end"] <= 60.0 - 1.0
+    # GPU speeds up 4x after 150 steps (parallel runs finished): the schedule grows to use the time.
+    slow = simulate_budget([0.2])
+    faster = simulate_budget([0.2] * 150 + [0.05])
+    assert not faster["cut"] and faster["end"] <= 59.0 and faster["steps"] > slow["steps"] + 100
+    # A slow model where less than one epoch fits: planned within the first epoch.
+    slow_model = simulate_budget([0.5], requested=50_000, steps_per_epoch=10_000)
+    assert not slow_model["cut"] and 40.0 < slow_model["end"] <= 59.0
+    # Plenty of time: the requested schedule is kept.
+    assert simulate_budget([0.001], requested=2000)["steps"] == 2000
+
+
 # -- train.py / evaluate.py ------------------------------------------------------------------
 
 
@@ -220,4 +262,5 @@ def test_evaluate_refuses_bad_input(
     assert evaluate.main(["--checkpoint", weights, "--data", str(other / "test")]) != 0
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and all(line.startswith("evaluate.py: error: ") for line in errors)
+    assert "point --data at the split" in errors[2]
     assert "differ from the checkpoint's classes" in errors[3]

@@ -22,19 +22,20 @@ class PageSpec:
     path: str
     title: str
     icon: str
-    default: bool = False
-
-    @property
-    def url_path(self) -> str:
-        return "" if self.default else Path(self.path).stem
+    default: bool = False  # the home page, served at "/"; other pages at /<file stem>
 
 
 PAGES: tuple[PageSpec, ...] = (
     PageSpec("app_pages/home.py", "Home", ":material/home:", default=True),
     PageSpec("app_pages/vit_attention.py", "ViT attention", ":material/visibility:"),
+    PageSpec("app_pages/fcvit_global_context.py", "FCViT global context", ":material/public:"),
+    PageSpec("app_pages/conv2former_modulation.py", "Conv2Former modulation", ":material/blur_on:"),
+    PageSpec("app_pages/mobile_former_bridge.py", "Mobile-Former bridge", ":material/hub:"),
+    PageSpec("app_pages/moat_windows.py", "MOAT window vs global", ":material/grid_view:"),
+    PageSpec("app_pages/receptive_field.py", "Receptive field & CE depth", ":material/filter_center_focus:"),
 )
 
 
 def st_pages() -> list[st.Page]:
     """``st.Page`` objects for ``st.navigation``, in menu order."""
-    return [st.Page(spec.path, title=spec.title, icon=spec.icon, default=spec.default) for spec in PAGES]
+    return [st.Page(ROOT / spec.path, title=spec.title, icon=spec.icon, default=spec.default) for spec in PAGES]

@@ -277,12 +277,24 @@ def _trend(values: Sequence[float], label: str, digits: int = 2) -> str:
 
 def trend_sentence(curves: Mapping[str, Sequence[float]], model: str) -> str:
     """What this model's numbers say about the FCViT claim (query-independent, sparse deep layers)."""
+    qi, mass = curves["query_independence"], curves["topk_mass"]
     parts = [
-        _trend(curves["query_independence"], "query-independence"),
-        _trend(curves["topk_mass"], "the top-5% mass"),
+        _trend(qi, "query-independence"),
+        _trend(mass, "the top-5% mass"),
         _trend(curves["entropy"], "the normalised entropy"),
     ]
-    return f"For {model} on this image, {parts[0]}; {parts[1]}; {parts[2]}."
+    # Differences below the 2-decimal readout count as "no change", so the verdict matches the numbers.
+    more_independent = round(float(qi[-1]), 2) > round(float(qi[0]), 2)
+    sparser = round(float(mass[-1]), 2) > round(float(mass[0]), 2)
+    if more_independent and sparser:
+        verdict = "as the paper observed, the last layer is more query-independent and sparser than the first"
+    elif more_independent:
+        verdict = "the last layer is more query-independent than the first, but not sparser"
+    elif sparser:
+        verdict = "the last layer is sparser than the first, but not more query-independent"
+    else:
+        verdict = "neither trend the paper observed shows from the first to the last layer"
+    return f"For {model} on this image, {parts[0]}; {parts[1]}; {parts[2]}. So here {verdict}."
 
 
 def comparison_sentence(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
@@ -299,13 +311,18 @@ def comparison_sentence(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> 
 
 
 def prediction_text(logits: object, class_names: Sequence[str], k: int = 3) -> str:
-    """The model's top-k classes with softmax probabilities, e.g. "cat 41%, dog 22%, frog 9%"."""
+    """The model's top-k classes with softmax probabilities, e.g. "cat 41%, dog 22%, frog 9.5%"."""
     scores = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits, dtype=np.float64)
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     top = np.argsort(-probs)[:k]
     names = [class_names[i] if i < len(class_names) else f"class {i}" for i in map(int, top)]
-    return ", ".join(f"{n} {100 * probs[i]:.0f}%" for n, i in zip(names, top, strict=True))
+    # Short ImageNet names ("tabby, tabby cat" -> "tabby"); small probabilities keep a decimal.
+    return ", ".join(f"{n.split(',')[0]} {_percent(probs[i])}" for n, i in zip(names, top, strict=True))
+
+
+def _percent(p: float) -> str:
+    return f"{100 * p:.0f}%" if p >= 0.095 else f"{100 * p:.1f}%"
 
 
 def table_csv(rows: Sequence[Mapping[str, object]]) -> str:

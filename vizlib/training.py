@@ -341,6 +341,74 @@ def model_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ..
 
 
 # ----------------------------------------------------------------------------------------------
+# Time limit
+
+
+class TimeBudget:
+    """Fits the length of the LR schedule (in steps) to a wall-clock limit.
+
+    A run cut off by a timer mid-schedule ends at a high learning rate and loses much accuracy, so
+    instead the schedule's total is re-planned from the step time measured over recent windows. The
+    total may also grow back (up to the requested one) when the GPU speeds up, e.g. because parallel
+    runs finished. Times come from ``time.time()`` without a device sync: over a window of many
+    steps the queue the CPU runs ahead by is negligible.
+    """
+
+    def __init__(
+        self, limit_s: float, t_start: float, requested_steps: int, steps_per_epoch: int,
+        eval_every: int, eval_images: int, batch_size: int, skip_steps: int = 5,
+        window: int | None = None,
+    ) -> None:
+        self.limit_s = limit_s
+        self.t_start = t_start
+        self.requested_steps = requested_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.eval_every = max(1, eval_every)
+        self.eval_images = eval_images
+        self.batch_size = batch_size
+        self.skip_steps = skip_steps  # first steps: cuDNN autotuning / compilation, not representative
+        self.window = window or max(5, steps_per_epoch // 4)
+        self.step_s: float | None = None
+        self.eval_s: float | None = None
+        self._mark: tuple[float, int] | None = None
+        self._eval_in_window = 0.0
+
+    def record_eval(self, seconds: float) -> None:
+        self.eval_s = seconds
+        self._eval_in_window += seconds
+
+    def reserve_s(self) -> float:
+        """Seconds kept for the final evaluation and saving."""
+        if self.eval_s is not None:
+            return 2 * self.eval_s + 10
+        if self.step_s is not None:  # a forward pass costs about a third of a training step
+            return 2 * math.ceil(self.eval_images / self.batch_size) * self.step_s / 3 + 10
+        return 30.0
+
+    def out_of_time(self, now: float) -> bool:
+        return now - self.t_start > self.limit_s - self.reserve_s()
+
+    def plan(self, step: int, total_steps: int, now: float) -> int:
+        """The schedule's new total (at least ``step + 1``, at most the requested total)."""
+        if self._mark is None:
+            if step >= self.skip_steps:
+                self._mark, self._eval_in_window = (now, step), 0.0
+            return total_steps
+        mark_time, mark_step = self._mark
+        # A window ends after ``window`` steps, or sooner in time for slow models (few steps fit).
+        long_enough = step - mark_step >= self.window or now - mark_time >= max(5.0, self.limit_s / 40)
+        if step - mark_step < 2 or not long_enough:
+            return total_steps
+        self.step_s = max(1e-6, (now - mark_time - self._eval_in_window) / (step - mark_step))
+        self._mark, self._eval_in_window = (now, step), 0.0
+        # Periodic evaluations still to come, spread over the steps between them.
+        eval_per_step = (self.eval_s or 0.0) / (self.steps_per_epoch * self.eval_every)
+        left = self.limit_s - (now - self.t_start) - self.reserve_s()
+        fit = step + int(max(0.0, left) / (self.step_s + eval_per_step))
+        return max(step + 1, min(self.requested_steps, fit))
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation and checkpoints
 
 

@@ -5,4 +5,10 @@ Each module defines ``HELP`` (one line), ``configure(parser)`` adding its argume
 ``COMMANDS`` maps the command name to its module name; vizlib.cli imports them lazily.
 """
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "mobile-former": "vizlib.commands.mobile_former",
+    "moat": "vizlib.commands.moat",
+    "fcvit": "vizlib.commands.fcvit",
+    "conv2former": "vizlib.commands.conv2former",
+    "erf": "vizlib.commands.erf",
+}
