@@ -6,6 +6,8 @@ weights); block, channel-group, map and stage pickers only look results up.
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 import torch
 import torch.nn.functional as F
@@ -116,9 +118,10 @@ def footprint_tab(result: Conv2FormerAnalysis, crop: object, vit: conv2former_vi
     stage = st.radio("End of stage", result.stages, key="c2f_stage", horizontal=True, format_func=lambda s: f"{s + 1}")
     prints = [*result.stage_footprints(stage), vit]
     shown = [display_map(f.weights) for f in prints]
-    stack = torch.stack([m / m.max().clamp_min(1e-12) for m in shown])
+    # Log colours (display only): gradient footprints are peaked, so a linear scale shows a few pixels.
+    stack = torch.stack([torch.log1p(99 * m / m.max().clamp_min(1e-12)) / math.log(100) for m in shown])
     fig = figures.heads_grid(crop, stack, titles=[f.label for f in prints], cols=4)
-    fig.update_layout(coloraxis={"cmin": 0.0, "cmax": 1.0, "colorbar": {"title": {"text": "/ max"}}})
+    fig.update_layout(coloraxis={"cmin": 0.0, "cmax": 1.0, "colorbar": {"title": {"text": "log, / max"}}})
     st.plotly_chart(fig, key="c2f_footprint_fig")
     st.markdown(conv2former_view.comparison_sentence(result, stage, vit, label))
     rows = [{"footprint": f.label, "block": f.block,
@@ -126,7 +129,8 @@ def footprint_tab(result: Conv2FormerAnalysis, crop: object, vit: conv2former_vi
              "area ratio 0.5": f.area_ratio[0.5], "mean distance (px)": f.mean_distance} for f in prints]
     st.dataframe(rows, hide_index=True)
     st.caption("Gradient receptive field of the centre output of the stage's last block on this image: "
-               "ReLU(∂ Σ_c ReLU(out_c) / ∂ input), summed over RGB. Random-init copies use layer scale 1 "
+               "ReLU(∂ Σ_c ReLU(out_c) / ∂ input), summed over RGB (colours: log scale, each map divided by "
+               "its maximum; the numbers use the linear map). Random-init copies use layer scale 1 "
                "(with the official 1e-6 an untrained block is the identity); the ViT column is its "
                "last-layer attention of the centre patch spread over that patch's pixels.")
     widgets.downloads(f"c2f_footprint_stage{stage + 1}", fig=fig, csv=figures.table_csv(rows))

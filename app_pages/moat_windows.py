@@ -169,7 +169,8 @@ if result.all_windows_global:
     st.info("At this input size every window covers its whole map, so window and global attention coincide; "
             "pick a smaller window in the sidebar.")
 st.caption(f"Prediction, global attention: {figures.prediction_text(result.logits_global, loaded.class_names)} · "
-           f"windows {result.window_text}: {figures.prediction_text(result.logits_window, loaded.class_names)}")
+           f"window attention ({result.window_text}): "
+           f"{figures.prediction_text(result.logits_window, loaded.class_names)}")
 
 picture_column, controls = st.columns([3, 2])
 with controls:

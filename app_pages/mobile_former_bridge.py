@@ -140,9 +140,13 @@ def numbers_sentence(result: MobileFormerAnalysis, block: int, head: int | None)
     shares = result.pixel_shares(block, head)
     top = int(shares.argmax())
     sims = [mfv.mean_offdiagonal(m) for m in result.token_similarity]
-    # A mean token cosine below 0.9 after the last block: the tokens still carry different summaries.
-    verdict = ("the few tokens stay distinct summaries rather than collapsing into one" if sims[-1] < 0.9
-               else "here the tokens end up carrying much the same information")
+    # Thresholds on the mean cosine between tokens after the last block, for the one-line reading.
+    if sims[-1] < 0.5:
+        verdict = "the few tokens stay distinct summaries rather than collapsing into one"
+    elif sims[-1] < 0.8:
+        verdict = "the tokens grow partly alike but still differ"
+    else:
+        verdict = "by the last block the tokens carry largely the same information"
     return (
         f"**This model, this image.** In block {block + 1} ({result.blocks[block].name}) the {result.num_tokens} "
         f"tokens read with normalised entropy {float(entropy.min()):.2f}–{float(entropy.max()):.2f} (1 = the "

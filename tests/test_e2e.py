@@ -54,6 +54,10 @@ class PageCase:
 
 PAGE_CASES = (
     PageCase("vit_attention", "ViT attention", CLICK_FRAME),
+    PageCase("mobile_former_bridge", "Mobile-Former bridge", '[data-testid="stMain"] [data-testid="stImage"] img'),
+    PageCase("moat_windows", "MOAT window vs global", CLICK_FRAME),
+    PageCase("fcvit_global_context", "FCViT global context", '[data-testid="stPlotlyChart"]'),
+    PageCase("conv2former_modulation", "Conv2Former modulation", '[data-testid="stPlotlyChart"]'),
 )
 
 

@@ -160,12 +160,7 @@ def row_metrics(distribution: torch.Tensor) -> dict[str, torch.Tensor]:
     """Entropy, top-5% mass and Gini of each head's distribution (heads, h, w), with the formulas of
     vizlib.metrics applied to the single row every query shares (no P x P matrix needed)."""
     rows = distribution.reshape(distribution.shape[0], 1, -1).double()
-    ascending = rows.sort(dim=-1).values
-    return {
-        "entropy": metrics._entropy(rows).float(),
-        "topk_mass": metrics._topk_mass(rows, ascending).float(),
-        "gini": metrics._gini(rows, ascending).float(),
-    }
+    return {name: value.float() for name, value in metrics.row_sparsity(rows).items()}
 
 
 def head_cosine(distribution: torch.Tensor) -> float:

@@ -171,6 +171,14 @@ def query_maps(
     return rows.reshape(rows.shape[0], len(queries), int(grid[0]), int(grid[1]))
 
 
+def row_sparsity(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Entropy, top-k mass and Gini of distributions ``rows`` (..., queries, P), each row summing to 1,
+    averaged over queries: the sparsity part of :func:`layer_metrics` for maps that are not an N x N
+    attention (e.g. FCViT's one context map shared by every query)."""
+    ascending = rows.sort(dim=-1).values
+    return {"entropy": _entropy(rows), "topk_mass": _topk_mass(rows, ascending), "gini": _gini(rows, ascending)}
+
+
 def layer_metrics(
     attn: torch.Tensor,
     num_prefix_tokens: int,
@@ -180,12 +188,9 @@ def layer_metrics(
     """Every metric of one layer (heads, N, N), or of a stack of layers (layers, heads, N, N) at
     once (one vectorised pass, what the page and the benchmark use), from a single Ã."""
     block = patch_block(attn, num_prefix_tokens)
-    ascending = block.sort(dim=-1).values
     return {
         "query_independence": _query_independence(block),
-        "entropy": _entropy(block),
-        "topk_mass": _topk_mass(block, ascending),
-        "gini": _gini(block, ascending),
+        **row_sparsity(block),
         "mean_attention_distance": _mean_attention_distance(block, grid, patch_size),
         "head_independence": _head_independence(block),
     }
