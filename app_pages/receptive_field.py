@@ -119,6 +119,14 @@ def training_summary() -> str:
     return "; ".join(parts) + " test accuracy" if parts else "no test accuracy recorded"
 
 
+def ratio_step(size: int) -> str:
+    """The two area ratios either side of 0.5 at this input size (odd sides only)."""
+    side = int(size / 2 ** 0.5) | 1
+    while side > 3 and side * side > size * size / 2:
+        side -= 2
+    return f"{side * side / size ** 2:.2f} → {(side + 2) ** 2 / size ** 2:.2f}"
+
+
 def feature_sizes(results: dict[Spec, ErfAccumulation]) -> str:
     """The last feature map's size, once when every model shares it."""
     by_column = {s.column: f"{r.feature_hw[0]}×{r.feature_hw[1]}" for s, r in results.items()}
@@ -189,6 +197,11 @@ st.plotly_chart(ratio_fig, key="erf_ratio_fig")
 rows = ef.ratio_rows(ratios, "ce" if mode == CE_MODE else "model")
 st.dataframe(rows, hide_index=True)
 st.caption("Area ratio r = side² / (H·W) of the smallest centred square (side 2i+1) holding more than a fraction "
-           "t of the log-scaled map; 1 means no smaller square does.")
+           f"t of the log-scaled map; 1 means no smaller square does. The side grows 2 px at a time, so at {size} px "
+           f"r moves in steps ({ratio_step(size)} around r = 0.5).")
+if all(values.get(0.99) == 1.0 for by_col in ratios.values() for values in by_col.values()):
+    st.info(f"At {size} px every ERF here reaches the border (r = 1 at t = 0.99): the last feature map is "
+            f"{feature_sizes(results)}, so its centre point already sees the whole input. A larger input size "
+            "separates the models.")
 widgets.downloads(f"erf_{'ce' if mode == CE_MODE else 'models'}_n{n}_{size}px", fig=ratio_fig,
                   csv=figures.table_csv(rows))

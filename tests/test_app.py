@@ -393,3 +393,35 @@ def test_moat_page_on_bundled_weights_query_block_and_window(monkeypatch: pytest
     assert_clean(at)
     assert any("windows 2×2" in m.value for m in at.markdown)
     assert (len(analyses), len(fields)) == (2, 3)
+
+
+ERF_PAGE = "app_pages/receptive_field.py"
+
+
+def test_receptive_field_page_on_bundled_weights_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vizlib import erf
+
+    calls = _count_any(monkeypatch, erf, "erf_accumulate")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["erf_n"] = 2  # small N: 8 models x 2 images
+    at.run()
+    at.switch_page(ERF_PAGE).run()
+    assert_clean(at)
+    assert any(t.value == "Receptive field & CE depth" for t in at.title)
+    assert len(calls) == 8  # CE 1/3/5/7, trained and at initialisation
+    sentence = next(m.value for m in at.markdown if m.value.startswith("**These images, these models.**"))
+    assert "t = 0.5" in sentence and "trained it" in sentence and "at initialisation it" in sentence
+    assert all(f"CE {d}: 0." in sentence for d in (1, 3, 5, 7))
+    assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 1
+    table = at.dataframe[0].value
+    assert len(table) == 8 and set(table["weights"]) == {"trained", "at initialisation"}
+    assert table["r@0.5"].between(0, 1).all()
+    at.run()
+    at.toggle(key="erf_init").set_value(False).run()  # a subset of what is cached
+    assert_clean(at)
+    assert len(calls) == 8 and len(at.dataframe[0].value) == 4
+    at.slider(key="erf_n").set_value(1).run()  # a new N computes again
+    assert_clean(at)
+    assert len(calls) == 12
+    at.slider(key="erf_n").set_value(2).run()  # ... and an N seen before does not
+    assert len(calls) == 12

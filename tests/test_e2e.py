@@ -58,6 +58,7 @@ PAGE_CASES = (
     PageCase("moat_windows", "MOAT window vs global", CLICK_FRAME),
     PageCase("fcvit_global_context", "FCViT global context", '[data-testid="stPlotlyChart"]'),
     PageCase("conv2former_modulation", "Conv2Former modulation", '[data-testid="stPlotlyChart"]'),
+    PageCase("receptive_field", "Receptive field & CE depth", '[data-testid="stPlotlyChart"]'),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ from vizlib.weights import load_model
 
 SAMPLES = images.SAMPLES_DIR
 CIFAR_SAMPLES = ["cifar_airplane.jpg", "cifar_cat.jpg", "cifar_ship.jpg", "cifar_dog.jpg"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on 2 shared cores: OpenMP hand-offs cost far more than they save (100x measured here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_cetnet(seed: int = 0) -> nn.Module:
@@ -250,3 +260,40 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli.main(["erf", "--model", "resnet_cifar", "--images", missing]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# --- figures and sentences -------------------------------------------------------------------------
+
+
+def test_erf_figure_draws_log_scaled_maps_with_the_half_mass_square() -> None:
+    from vizlib import erf_figures
+
+    block = torch.zeros(32, 32)
+    block[12:21, 12:21] = 99.0  # log10(100) = 2 -> 1 after dividing by the max
+    fig = erf_figures.erf_figure([[block, None], [torch.full((32, 32), 9.0), block]],
+                                 row_titles=["trained", "init"], col_titles=["CE 1", "CE 3"])
+    heatmaps = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heatmaps) == 3  # the None cell stays empty
+    assert np.asarray(heatmaps[0].z).max() == 1.0 and np.asarray(heatmaps[0].z)[0, 0] == 0.0
+    # t = 0.5 on the 9x9 block is the 7x7 square: pixels 13..19, drawn from 12.5 to 19.5
+    square = fig.layout.shapes[0]
+    assert (square.x0, square.x1, square.y0, square.y1) == (12.5, 19.5, 12.5, 19.5)
+    assert fig.layout.coloraxis.cmin == 0.0 and fig.layout.coloraxis.cmax == 1.0
+
+
+def test_area_ratio_figure_and_sentences() -> None:
+    from vizlib import erf_figures
+
+    ratios = {
+        "trained": {"CE 1": {0.5: 0.20, 0.99: 1.0}, "CE 3": {0.5: 0.41, 0.99: 1.0}, "CE 5": {0.5: 0.41, 0.99: 1.0}},
+        "at initialisation": {"CE 1": {0.5: 0.11, 0.99: 0.4}, "CE 3": {0.5: 0.13, 0.99: 0.9}},
+    }
+    fig = erf_figures.area_ratio_figure(ratios)
+    assert len(fig.data) == 4  # 2 series x 2 thresholds
+    assert list(fig.data[0].y) == [0.20, 0.41, 0.41]
+    sentence = erf_figures.depth_sentence(ratios, 0.5)
+    assert "trained it grows (CE 1: 0.20 → CE 3: 0.41 → CE 5: 0.41)" in sentence
+    assert "at initialisation it grows (CE 1: 0.11 → CE 3: 0.13)" in sentence
+    flat = {"trained": {"CE 1": {0.5: 0.43}, "CE 3": {0.5: 0.52}, "CE 5": {0.5: 0.43}}}
+    assert "goes up and down" in erf_figures.depth_sentence(flat, 0.5)
+    assert "(widest: CE 3)" in erf_figures.models_sentence(flat, 0.5)

@@ -149,7 +149,7 @@ def models_sentence(ratios: Mapping[str, Mapping[str, Mapping[float, float]]], t
         points = {x: float(values[threshold]) for x, values in by_x.items() if threshold in values}
         if not points:
             continue
-        listing = ", ".join(f"{x} {v:.2f}" for x, v in points.items())
+        listing = ", ".join(f"{x} {v:.3f}" for x, v in points.items())
         widest = max(points, key=points.__getitem__)
         parts.append(f"{series}: {listing} (widest: {widest})" if len(points) > 1 else f"{series}: {listing}")
     return f"Area ratio at t = {threshold:g} — " + "; ".join(parts) + "." if parts else ""
