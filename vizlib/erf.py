@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from captum.attr import Saliency
 from PIL import Image
 from torch import Tensor, nn
 
@@ -91,14 +92,17 @@ def centre_objective(features: Tensor) -> Tensor:
 def gradient_maps(model: nn.Module, x: Tensor, feature_fn: FeatureFn | None = None) -> Tensor:
     """(B, H, W): each sample's ReLU'd input gradient of its own centre objective, summed over RGB.
 
-    One backward for the whole batch: the objectives are summed, and with no cross-sample interaction (eval
+    captum's ``Saliency`` (signed, ``abs=False``) computes it with one backward for the whole batch: a
+    forward returning one scalar per sample needs no target, and with no cross-sample interaction (eval
     mode) d(sum_b s_b)/dx_b = ds_b/dx_b. The ReLU is applied per sample, before any sum over samples.
     """
     features_of = feature_fn or default_features
-    x = x.detach().clone().requires_grad_(True)
+
+    def objective(inputs: Tensor) -> Tensor:
+        return centre_objective(features_of(model, inputs))
+
     with torch.enable_grad():  # callers may sit inside torch.no_grad(); the input gradient is the point
-        total = centre_objective(features_of(model, x)).sum()
-        (grad,) = torch.autograd.grad(total, x)
+        grad = Saliency(objective).attribute(x.detach().requires_grad_(True), abs=False)
     return F.relu(grad).sum(dim=1)
 
 
