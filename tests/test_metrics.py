@@ -72,6 +72,9 @@ def test_metrics_match_independent_loops(prefix: int) -> None:
 def test_stacked_layers_equal_one_layer_at_a_time() -> None:
     layers = torch.stack([random_attention(4, 17, seed=s) for s in range(3)])
     stacked = metrics.layer_metrics(layers, 1, (4, 4), 8)
+    as_list = metrics.layer_metrics(list(layers), 1, (4, 4), 8)
+    for name in stacked:
+        torch.testing.assert_close(as_list[name], stacked[name])
     for depth in range(3):
         single = metrics.layer_metrics(layers[depth], 1, (4, 4), 8)
         for name in single:

@@ -77,7 +77,7 @@ def analyse_attention(model: nn.Module, x: torch.Tensor) -> AttentionAnalysis:
     prefix = num_prefix_tokens(model)
     grid, patch = patch_geometry(model, x)
     layers = OrderedDict((name, attn[0]) for name, attn in maps.items())
-    stacked = metrics.layer_metrics(torch.stack(list(layers.values())), prefix, grid, patch)
+    stacked = metrics.layer_metrics(list(layers.values()), prefix, grid, patch)
     per_layer = [{name: values[depth] for name, values in stacked.items()} for depth in range(len(layers))]
     return AttentionAnalysis(
         logits=output[0],

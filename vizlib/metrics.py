@@ -10,19 +10,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 EPS = 1e-12
 METRIC_NAMES = ("query_independence", "entropy", "topk_mass", "gini", "mean_attention_distance")
 
 
-def patch_block(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def patch_block(attn: torch.Tensor | Sequence[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
     """Ã: patch-to-patch attention with every query row renormalised to sum 1.
 
-    Accepts (heads, N, N) or a stack of layers (layers, heads, N, N); float32 is precise enough
+    Accepts (heads, N, N), a stack of layers (layers, heads, N, N), or a list of (heads, N, N)
+    layers (renormalised straight into one stacked block, saving a copy); float32 is precise enough
     (the tests check 1e-6 against float64) and several times faster on CPU.
     """
+    if not isinstance(attn, torch.Tensor):
+        first = patch_block(attn[0], num_prefix_tokens)
+        block = first.new_empty((len(attn), *first.shape))
+        block[0] = first
+        for depth, layer in enumerate(attn[1:], start=1):
+            part = layer[..., num_prefix_tokens:, num_prefix_tokens:]
+            torch.div(part, part.sum(dim=-1, keepdim=True).clamp_min(EPS), out=block[depth])
+        return block
     if attn.dim() not in (3, 4) or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"expected one layer's attention of shape (heads, N, N), got {tuple(attn.shape)}")
     block = attn[..., num_prefix_tokens:, num_prefix_tokens:]
@@ -36,11 +45,23 @@ def query_independence(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tens
     return _query_independence(patch_block(attn, num_prefix_tokens))
 
 
-def _query_independence(block: torch.Tensor) -> torch.Tensor:
-    # Σ_{i≠j} cos(i, j) = ‖Σ_i r̂_i‖² − P for unit rows r̂: O(P²) instead of the O(P³) Gram matrix.
-    rows = F.normalize(block, dim=-1)
-    queries = rows.shape[-2]
-    off_diagonal = rows.sum(-2).square().sum(-1) - rows.square().sum((-1, -2))
+def _unit_rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/‖a_i‖ per row (0 for an all-zero row) and ‖r̂_i‖² (1, or 0 for that row).
+
+    The unit rows r̂_i = a_i/‖a_i‖ are never materialised: the sums the two independence metrics
+    need are contractions of the block with these scales (no extra block-sized temporary).
+    """
+    norms = torch.linalg.vector_norm(block, dim=-1)
+    nonzero = norms > 0
+    return torch.where(nonzero, 1.0 / norms.clamp_min(EPS), 0.0), nonzero.to(block.dtype)
+
+
+def _query_independence(block: torch.Tensor, unit: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    # Σ_{i≠j} cos(i, j) = ‖Σ_i r̂_i‖² − Σ_i ‖r̂_i‖²: O(P²) instead of the O(P³) Gram matrix.
+    inverse_norms, squared_norms = unit if unit is not None else _unit_rows(block)
+    queries = block.shape[-2]
+    summed = (inverse_norms.unsqueeze(-2) @ block).squeeze(-2)  # Σ_i r̂_i, (..., P)
+    off_diagonal = summed.square().sum(-1) - squared_norms.sum(-1)
     return off_diagonal / (queries * (queries - 1))
 
 
@@ -49,13 +70,14 @@ def head_independence(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tenso
     return _head_independence(patch_block(attn, num_prefix_tokens))
 
 
-def _head_independence(block: torch.Tensor) -> torch.Tensor:
+def _head_independence(block: torch.Tensor, unit: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     # Same identity as above, over the head axis for each query.
-    rows = F.normalize(block, dim=-1)  # (..., heads, P, P)
-    heads = rows.shape[-3]
+    inverse_norms, squared_norms = unit if unit is not None else _unit_rows(block)  # (..., heads, P) each
+    heads = block.shape[-3]
     if heads < 2:
         return torch.full(block.shape[:-3], float("nan"), dtype=block.dtype)
-    off_diagonal = rows.sum(-3).square().sum(-1) - rows.square().sum((-1, -3))  # (..., P)
+    summed = torch.einsum("...hqk,...hq->...qk", block, inverse_norms)  # Σ_h r̂_h,i, (..., P, P)
+    off_diagonal = summed.square().sum(-1) - squared_norms.sum(-2)  # (..., P)
     return (off_diagonal / (heads * (heads - 1))).mean(-1)
 
 
@@ -68,7 +90,7 @@ def _entropy(rows: torch.Tensor) -> torch.Tensor:
     keys = rows.shape[-1]
     if keys < 2:
         return torch.zeros(rows.shape[:-2], dtype=rows.dtype)
-    h = -(rows * torch.log(rows.clamp_min(EPS))).sum(-1)
+    h = torch.special.entr(rows).sum(-1)  # -a·log a with 0·log 0 = 0, one fused op
     return h.mean(-1) / math.log(keys)
 
 
@@ -97,10 +119,10 @@ def gini(attn: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
 def _gini(rows: torch.Tensor, ascending: torch.Tensor | None = None) -> torch.Tensor:
     keys = rows.shape[-1]
     if ascending is None:
-        ascending = rows.sort(dim=-1).values
+        ascending = _sorted_rows(rows)
     ranks = torch.arange(1, keys + 1, dtype=rows.dtype)  # a_(i) ascending, i = 1..K
     weights = 2 * ranks - keys - 1
-    return ((ascending * weights).sum(-1) / keys).mean(-1)
+    return ((ascending @ weights) / keys).mean(-1)  # a matrix-vector product: no row-sized temporary
 
 
 def patch_centres(grid: Sequence[int], patch_size: int | Sequence[int]) -> torch.Tensor:
@@ -144,7 +166,7 @@ def rollout(
     result = torch.eye(tokens, dtype=torch.float64)
     identity = torch.eye(tokens, dtype=torch.float64)
     for attn in attns:
-        mixed = 0.5 * attn.double().mean(0) + 0.5 * identity
+        mixed = 0.5 * attn.mean(0, dtype=torch.float64) + 0.5 * identity
         mixed = mixed / mixed.sum(-1, keepdim=True)
         result = mixed @ result
     if num_prefix_tokens > 0:
@@ -171,26 +193,36 @@ def query_maps(
     return rows.reshape(rows.shape[0], len(queries), int(grid[0]), int(grid[1]))
 
 
+def _sorted_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows sorted ascending. On CPU NumPy's SIMD sort is about 7x faster than torch.sort for
+    many short rows (measured: 18 vs 130 ms for ViT-B's 12x12x196 rows of 196), and the sort is
+    the largest cost of the metrics."""
+    if rows.device.type == "cpu" and not rows.requires_grad:
+        return torch.from_numpy(np.sort(rows.contiguous().numpy(), axis=-1))
+    return rows.sort(dim=-1).values
+
+
 def row_sparsity(rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Entropy, top-k mass and Gini of distributions ``rows`` (..., queries, P), each row summing to 1,
     averaged over queries: the sparsity part of :func:`layer_metrics` for maps that are not an N x N
     attention (e.g. FCViT's one context map shared by every query)."""
-    ascending = rows.sort(dim=-1).values
+    ascending = _sorted_rows(rows)
     return {"entropy": _entropy(rows), "topk_mass": _topk_mass(rows, ascending), "gini": _gini(rows, ascending)}
 
 
 def layer_metrics(
-    attn: torch.Tensor,
+    attn: torch.Tensor | Sequence[torch.Tensor],
     num_prefix_tokens: int,
     grid: Sequence[int],
     patch_size: int | Sequence[int],
 ) -> dict[str, torch.Tensor]:
-    """Every metric of one layer (heads, N, N), or of a stack of layers (layers, heads, N, N) at
-    once (one vectorised pass, what the page and the benchmark use), from a single Ã."""
+    """Every metric of one layer (heads, N, N), or of several layers at once, stacked
+    (layers, heads, N, N) or as a list (one vectorised pass, what the page uses), from a single Ã."""
     block = patch_block(attn, num_prefix_tokens)
+    unit = _unit_rows(block)
     return {
-        "query_independence": _query_independence(block),
+        "query_independence": _query_independence(block, unit),
         **row_sparsity(block),
         "mean_attention_distance": _mean_attention_distance(block, grid, patch_size),
-        "head_independence": _head_independence(block),
+        "head_independence": _head_independence(block, unit),
     }
