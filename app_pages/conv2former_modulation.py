@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ui import models, sidebar, widgets
-from vizlib import attention, conv2former_view, figures, overlay, weights
+from vizlib import conv2former_view, figures, overlay, weights
 from vizlib.conv2former_view import Conv2FormerAnalysis, ModulationMaps
 from vizlib.weights import HUB_MODELS, LoadedModel
 
@@ -39,26 +39,11 @@ def run_conv2former(choice: models.ModelChoice, image: sidebar.ImageChoice) -> t
         st.info(f"{choice.name} has no bundled weights: upload its official checkpoint under "
                 f"“Use your own checkpoint” in the sidebar. Showing {BUNDLED} meanwhile.")
         choice = fallback
-    loaded, used = models.load_or_fallback(choice, fallback)
-    try:
-        # Looked up on the module at call time, so tests can count forward passes.
-        forward = models.forward_once("conv2former", image, used, loaded, conv2former_view.analyse_conv2former)
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
+    forward, used, loaded = models.analyse_or_stop("conv2former", image, choice, fallback,
+                                                   conv2former_view.analyse_conv2former)
     st.caption(f"Weights: {loaded.weights}. {used.name} predicts: "
                f"{figures.prediction_text(forward.result.logits, loaded.class_names)}.")
     return forward, used.name if used.weights == "bundled" else used.label, loaded
-
-
-def run_vit(choice: models.ModelChoice, image: sidebar.ImageChoice) -> tuple[models.Forward, str]:
-    loaded, used = models.load_or_fallback(choice, models.ModelChoice("vit_cifar", "bundled"))
-    try:
-        forward = models.forward_once("attention", image, used, loaded, attention.analyse_attention)
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
-    return forward, used.name if used.weights == "bundled" else used.label
 
 
 def group_label(maps: ModulationMaps, group: int) -> str:
@@ -154,7 +139,7 @@ vit_choice = models.model_picker({**models.bundled_options(VIT_BUNDLED), **HUB_M
                                  default="vit_cifar", title="ViT to compare with")
 forward, label, loaded = run_conv2former(choice, image)
 result: Conv2FormerAnalysis = forward.result
-vit_forward, vit_label = run_vit(vit_choice, image)
+vit_forward, vit_label = models.analyse_reference_vit(vit_choice, image)
 vit_print = conv2former_view.vit_footprint(vit_forward.result, result.input_size, name=vit_label)
 
 maps, group = pick_block(result)

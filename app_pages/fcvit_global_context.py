@@ -38,26 +38,11 @@ def run_fcvit(choice: models.ModelChoice, image: sidebar.ImageChoice) -> tuple[m
         st.info(f"{choice.name} has no bundled weights: upload its official checkpoint under "
                 f"“Use your own checkpoint” in the sidebar. Showing {BUNDLED} meanwhile.")
         choice = fallback
-    loaded, used = models.load_or_fallback(choice, fallback)
-    try:
-        # Looked up on the module at call time, so tests can count forward passes.
-        forward = models.forward_once("fcvit", image, used, loaded, fcvit_view.analyse_fcvit)
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
+    forward, used, loaded = models.analyse_or_stop("fcvit", image, choice, fallback,
+                                                   fcvit_view.analyse_fcvit)
     st.caption(f"Weights: {loaded.weights}. {used.name} predicts: "
                f"{figures.prediction_text(forward.result.logits, loaded.class_names)}.")
     return forward, used.name if used.weights == "bundled" else used.label, loaded
-
-
-def run_vit(choice: models.ModelChoice, image: sidebar.ImageChoice) -> tuple[models.Forward, str]:
-    loaded, used = models.load_or_fallback(choice, models.ModelChoice("vit_cifar", "bundled"))
-    try:
-        forward = models.forward_once("attention", image, used, loaded, attention.analyse_attention)
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
-    return forward, used.name if used.weights == "bundled" else used.label
 
 
 def pick_maps(result: FCViTAnalysis) -> tuple[fcvit_view.GlobalContextMaps, str, int | None]:
@@ -156,7 +141,7 @@ vit_choice = models.model_picker({**models.bundled_options(VIT_BUNDLED), **HUB_M
                                  default="vit_cifar", title="ViT to compare with")
 forward, label, loaded = run_fcvit(choice, image)
 result: FCViTAnalysis = forward.result
-vit_forward, vit_label = run_vit(vit_choice, image)
+vit_forward, vit_label = models.analyse_reference_vit(vit_choice, image)
 accuracy = None if loaded.checkpoint is None else loaded.checkpoint.test_accuracy
 if loaded.source == "bundled" and (accuracy is None or accuracy < 50):
     st.caption("This bundled FCViT was trained only briefly: read its maps as a demonstration of the "

@@ -41,14 +41,10 @@ def analyse(choice: models.ModelChoice, image: sidebar.ImageChoice,
                 "`scripts/convert_moat_tf.py` and upload it under *Use your own checkpoint*. Showing the "
                 "bundled model meanwhile.")
         choice = fallback
-    loaded, used = models.load_or_fallback(choice, fallback)
-    try:
-        # Looked up on the module at call time, so tests can count forward passes.
-        forward = models.forward_once(f"moat:{mv.window_label(window)}", image, used, loaded,
-                                      lambda model, x: mv.analyse_moat(model, x, window))
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
+    forward, used, loaded = models.analyse_or_stop(
+        f"moat:{mv.window_label(window)}", image, choice, fallback,
+        lambda model, x: mv.analyse_moat(model, x, window),
+    )
     return forward, used, loaded
 
 

@@ -36,14 +36,9 @@ def analyse(choice: models.ModelChoice, image: sidebar.ImageChoice) -> tuple[mod
         st.info(f"{choice.name} has no bundled weights: upload the official checkpoint under "
                 "*Use your own checkpoint* in the sidebar. Showing the bundled model meanwhile.")
         choice = fallback
-    loaded, used = models.load_or_fallback(choice, fallback)
-    try:
-        # Looked up on the module at call time, so tests can count forward passes.
-        forward = models.forward_once("mobile-former", image, used, loaded,
-                                      lambda model, x: mfv.analyse_mobile_former(model, x))
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
+    forward, used, loaded = models.analyse_or_stop(
+        "mobile-former", image, choice, fallback, mfv.analyse_mobile_former
+    )
     return forward, used, loaded
 
 

@@ -34,13 +34,7 @@ def analyse(
     fallback = models.ModelChoice(choice.name if choice.name in BUNDLED else PLAIN, "bundled")
     if "distilled" in choice.name and choice.name not in BUNDLED:
         fallback = models.ModelChoice(DISTILLED, "bundled")
-    loaded, used = models.load_or_fallback(choice, fallback)
-    try:
-        # Looked up on the module at call time, so tests can count forward passes.
-        forward = models.forward_once("attention", image, used, loaded, attention.analyse_attention)
-    except (TypeError, ValueError) as exc:
-        st.error(f"{used.label} cannot be analysed here: {exc}")
-        st.stop()
+    forward, used, loaded = models.analyse_or_stop("attention", image, choice, fallback, attention.analyse_attention)
     return forward, used, loaded
 
 

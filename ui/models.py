@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ui.sidebar import ImageChoice
-from vizlib import images, weights
+from vizlib import attention, images, weights
 from vizlib.weights import LoadedModel, ModelCache, WeightsError
 
 T = TypeVar("T")
@@ -192,3 +192,33 @@ def forward_once(
         return cache.get_or_load(key, compute)
     with st.spinner(f"Running {choice.name} on the image…"):
         return cache.get_or_load(key, compute)
+
+
+def analyse_or_stop(
+    what: str,
+    image: ImageChoice,
+    choice: ModelChoice,
+    fallback: ModelChoice,
+    run: Callable[[nn.Module, torch.Tensor], T],
+) -> tuple[Forward, ModelChoice, LoadedModel]:
+    """Load ``choice`` (falling back to ``fallback``) and run the page's analysis once.
+
+    A model the analysis cannot handle stops the page with one sentence, never a traceback.
+    Returns (forward, the choice actually used, the loaded model).
+    """
+    loaded, used = load_or_fallback(choice, fallback)
+    try:
+        forward = forward_once(what, image, used, loaded, run)
+    except (TypeError, ValueError) as exc:
+        st.error(f"{used.label} cannot be analysed here: {exc}")
+        st.stop()
+    return forward, used, loaded
+
+
+VIT_REFERENCE = ModelChoice("vit_cifar", "bundled")
+
+
+def analyse_reference_vit(choice: ModelChoice, image: ImageChoice) -> tuple[Forward, str]:
+    """The ViT attention that the FCViT and Conv2Former pages set beside their own maps."""
+    forward, used, _ = analyse_or_stop("attention", image, choice, VIT_REFERENCE, attention.analyse_attention)
+    return forward, used.name if used.weights == "bundled" else used.label
