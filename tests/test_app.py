@@ -218,6 +218,15 @@ def test_unreachable_hub_model_falls_back_to_bundled() -> None:
     assert "of the 8×8 grid" in readout(at)  # the page works on the bundled fallback
 
 
+def test_unreachable_weights_url_falls_back_to_bundled() -> None:
+    at = open_app(VIT_PAGE)
+    at.sidebar.text_input(key="vit_model_url").input("http://127.0.0.1:9/vit_cifar.safetensors").run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "unreachable" in errors[0], errors
+    assert "of the 8×8 grid" in readout(at)  # the page works on the bundled fallback
+
+
 def test_imagenet_architecture_from_a_file_then_back_to_bundled(tmp_path: Path) -> None:
     """A 224 px ImageNet ViT (14x14 grid, 12 layers) from an uploaded file; the query is clamped back."""
     import timm

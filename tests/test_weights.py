@@ -203,8 +203,8 @@ def test_bundled_checkpoint(empty_checkpoints: Path, tiny_state: dict) -> None:
     assert_same(by_id.model, half)
     by_name = load_model(TINY, "bundled", **TINY_KWARGS)
     assert_same(by_name.model, half)
-    assert weights.available_sources("tiny_test_v1") == ["bundled", "file"]
-    assert weights.available_sources(TINY) == ["bundled", "hub", "file"]
+    assert weights.available_sources("tiny_test_v1") == ["bundled", "file", "url"]
+    assert weights.available_sources(TINY) == ["bundled", "hub", "file", "url"]
     with pytest.raises(WeightsError, match="no bundled checkpoint"):
         load_model(TINY, "bundled", img_size=64)
 
@@ -212,8 +212,8 @@ def test_bundled_checkpoint(empty_checkpoints: Path, tiny_state: dict) -> None:
 def test_no_bundled_checkpoint(empty_checkpoints: Path) -> None:
     with pytest.raises(WeightsError, match="no bundled checkpoint.*none are installed"):
         load_model(TINY)
-    assert weights.available_sources("resnet18") == ["hub", "file"]
-    assert weights.available_sources("no_such_model_xyz") == ["file"]
+    assert weights.available_sources("resnet18") == ["hub", "file", "url"]
+    assert weights.available_sources("no_such_model_xyz") == ["file", "url"]
 
 
 # --- hub ------------------------------------------------------------------------------------------
@@ -342,3 +342,47 @@ def test_model_cache_failed_load_not_cached() -> None:
         cache.get_or_load("k", fail)
     assert "k" not in cache
     assert isinstance(cache.get_or_load("k", lambda: torch.nn.Linear(1, 1)), torch.nn.Linear)
+
+
+# --- URL ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A loopback HTTP server over tmp_path/served, and torch hub's cache redirected to tmp_path."""
+    import functools
+    import http.server
+
+    served = tmp_path / "served"
+    served.mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_downloads_once_then_loads_from_cache(local_server: Any, tiny_state: dict) -> None:
+    served, base = local_server
+    save_file(tiny_state, str(served / "tiny.safetensors"))
+    url = f"{base}/tiny.safetensors"
+    assert parse_weights(url) == WeightSpec("url", url=url)
+    loaded = load_model(TINY, url, **TINY_KWARGS)
+    assert_same(loaded.model, tiny_state)
+    assert loaded.source == "url" and url in loaded.weights
+    (served / "tiny.safetensors").unlink()  # gone from the server: the cached copy serves now
+    assert_same(load_model(TINY, url, **TINY_KWARGS).model, tiny_state)
+
+
+def test_url_missing_and_unreachable_fail_with_one_sentence(local_server: Any) -> None:
+    _, base = local_server
+    with pytest.raises(WeightsError, match="failed"):
+        load_model(TINY, f"{base}/missing.safetensors", **TINY_KWARGS)
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match="unreachable"):
+        load_model(TINY, "http://127.0.0.1:9/official.pth", **TINY_KWARGS)  # closed local port
+    assert time.monotonic() - start < 3.0

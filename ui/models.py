@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 import streamlit as st
@@ -42,8 +43,8 @@ class ModelChoice:
     """What the user picked: an architecture (or checkpoint id) and where its weights come from."""
 
     name: str
-    weights: str  # "bundled", "hub" or "file"
-    path: str | None = None  # the uploaded checkpoint on disk, for weights == "file"
+    weights: str  # "bundled", "hub", "file" or "url"
+    path: str | None = None  # the uploaded checkpoint on disk (weights == "file") or its URL ("url")
     file_name: str = ""
 
     @property
@@ -52,12 +53,12 @@ class ModelChoice:
 
     @property
     def label(self) -> str:
-        if self.weights == "file":
+        if self.weights in ("file", "url"):
             return f"{self.name} ({self.file_name})"
         return f"{self.name} ({self.weights})"
 
     def load(self) -> LoadedModel:
-        return weights.load_model(self.name, self.path if self.weights == "file" else self.weights)
+        return weights.load_model(self.name, self.path if self.weights in ("file", "url") else self.weights)
 
 
 def bundled_options(names: tuple[str, ...]) -> dict[str, str]:
@@ -104,9 +105,13 @@ def model_picker(options: Mapping[str, str], *, key: str, default: str, title: s
                 f"Weights for {name} ({', '.join(CHECKPOINT_TYPES)})", type=list(CHECKPOINT_TYPES),
                 key=f"{key}_file",
             )
+            url = st.text_input(f"…or a URL of weights for {name}", key=f"{key}_url",
+                                placeholder="https://…/checkpoint.pth").strip()
     if uploaded is not None:
         path, file_name = _save_upload(uploaded)
         return ModelChoice(name, "file", path, file_name)
+    if url:
+        return ModelChoice(name, "url", url, Path(urlsplit(url).path).name or url)
     return ModelChoice(name, default_source(name))
 
 

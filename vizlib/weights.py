@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
 import pickle
@@ -50,7 +51,7 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
 HUB_TIMEOUT_S = 2.0
 HF_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches when no filename is set
 
-WeightsKind = Literal["bundled", "hub", "file"]
+WeightsKind = Literal["bundled", "hub", "file", "url"]
 
 
 class WeightsError(RuntimeError):
@@ -59,12 +60,16 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """Where weights come from: the bundled checkpoint, the Hugging Face Hub, or a local file."""
+    """Where weights come from: the bundled checkpoint, the Hugging Face Hub, a local file, or a URL
+    (e.g. an official checkpoint's direct download link)."""
 
     kind: WeightsKind
     path: Path | None = None
+    url: str | None = None
 
     def __str__(self) -> str:
+        if self.kind == "url":
+            return str(self.url)
         return str(self.path) if self.kind == "file" else self.kind
 
 
@@ -100,7 +105,8 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def parse_weights(arg: str | os.PathLike | WeightSpec) -> WeightSpec:
-    """``"bundled"``, ``"hub"``, or a file path (``"file:PATH"`` also works for a file named 'hub')."""
+    """``"bundled"``, ``"hub"``, an http(s) URL, or a file path (``"file:PATH"`` also works for a file
+    named 'hub')."""
     if isinstance(arg, WeightSpec):
         return arg
     if isinstance(arg, os.PathLike):
@@ -110,6 +116,8 @@ def parse_weights(arg: str | os.PathLike | WeightSpec) -> WeightSpec:
         return WeightSpec("bundled")
     if text.lower() == "hub":
         return WeightSpec("hub")
+    if text.lower().startswith(("http://", "https://")):
+        return WeightSpec("url", url=text)
     if text.lower().startswith("file:"):
         text = text[len("file:"):]
     if not text:
@@ -159,7 +167,7 @@ def available_sources(model_name: str) -> list[str]:
         sources.append("bundled")
     if has_hub_weights(model_name):
         sources.append("hub")
-    sources.append("file")
+    sources += ["file", "url"]
     return sources
 
 
@@ -178,6 +186,10 @@ def load_model(model_name: str, weights: str | os.PathLike | WeightSpec = "bundl
         loaded = _load_bundled(model_name, model_kwargs)
     elif spec.kind == "hub":
         loaded = _load_hub(model_name, model_kwargs)
+    elif spec.kind == "url":
+        assert spec.url is not None
+        loaded = _load_file(model_name, download_checkpoint(spec.url), model_kwargs)
+        loaded.weights, loaded.source = f"{spec.url} (downloaded)", "url"
     else:
         assert spec.path is not None
         loaded = _load_file(model_name, spec.path, model_kwargs)
@@ -294,6 +306,32 @@ def is_reachable(url: str, timeout: float = HUB_TIMEOUT_S) -> bool:
 
     threading.Thread(target=probe, name="hybridlens-hub-probe", daemon=True).start()
     return done.wait(timeout) and bool(ok) and ok[0]
+
+
+def url_cache_path(url: str) -> Path:
+    """Where a downloaded checkpoint is kept: torch hub's cache, named by a hash of the URL."""
+    name = Path(urlsplit(url).path).name or "checkpoint"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(torch.hub.get_dir()) / "checkpoints" / "hybridlens" / f"{digest}-{name}"
+
+
+def download_checkpoint(url: str) -> Path:
+    """The local copy of ``url``: the cached one, else a download after a fast reachability probe
+    (offline this fails within ``HUB_TIMEOUT_S`` instead of hanging on retries)."""
+    target = url_cache_path(url)
+    if target.exists():
+        return target
+    if not is_reachable(url):
+        raise WeightsError(
+            f"{urlsplit(url).hostname or url} is unreachable, so {url} cannot be downloaded; "
+            "the bundled weights work offline."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=False)
+    except Exception as exc:  # any network or HTTP failure becomes one sentence
+        raise WeightsError(f"Downloading {url} failed ({type(exc).__name__}: {exc}).") from exc
+    return target
 
 
 def _connect_any(host: str, port: int, deadline: float) -> bool:
