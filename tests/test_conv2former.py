@@ -85,13 +85,7 @@ def _block_input(model: Conv2Former, x: torch.Tensor, stage: int, block: int) ->
     return x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI box has 2 cores shared with other jobs: one intra-op thread is ~10x faster under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,7 @@ SAMPLES = images.SAMPLES_DIR
 CIFAR_SAMPLES = ["cifar_airplane.jpg", "cifar_cat.jpg", "cifar_ship.jpg", "cifar_dog.jpg"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on 2 shared cores: OpenMP hand-offs cost far more than they save (100x measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cetnet(seed: int = 0) -> nn.Module:

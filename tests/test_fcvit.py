@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,13 +21,7 @@ MANIFEST = Path(__file__).parent / "data" / "fcvit_tiny_keys.json"
 KEYS = ("similarity", "similarity_norm", "similarity_rescaled", "context")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """The CI box has 2 shared cores: a second intra-op thread only adds contention (measured: this file ran 4x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _count(name: str) -> tuple[int, int]:

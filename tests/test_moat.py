@@ -16,7 +16,7 @@ import models  # noqa: F401  (registers the families)
 import models.moat as moat
 from models.capture import capture_name, capturing
 
-torch.set_num_threads(1)  # the test machine is shared; these models are small
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Official unit-test totals (unstarred rows of the reference table): with / without position embedding.
 PARAMS = {

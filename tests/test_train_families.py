@@ -12,7 +12,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 from vizlib.checkpoints import list_checkpoints, load_tensors, read_info
 from vizlib.training import make_synthetic_imagefolder
@@ -44,9 +43,11 @@ def test_every_family_has_a_bundled_checkpoint() -> None:
     assert depths == {1, 3, 5, 7}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.mark.parametrize(("model", "kwargs"), FAMILIES, ids=[f"{m}{k}" for m, k in FAMILIES])
 def test_smoke_training_and_checkpoint_round_trip(model: str, kwargs: str, data_root: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)  # many small ops: one thread is faster on a shared 2-core machine
     train = load_train_script()
     argv = ["--smoke", "--model", model, "--model-kwargs", kwargs, "--data", str(data_root),
             "--out", str(tmp_path), "--checkpoint-id", "smoke", "--batch-size", "8"]

@@ -21,13 +21,7 @@ TINY = "vit_tiny_patch16_224"
 TINY_KWARGS: dict[str, Any] = {"img_size": 32, "depth": 2, "num_classes": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    # Model init on a busy 2-core box is ~10x faster single-threaded (no intra-op contention).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
