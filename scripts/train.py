@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -98,6 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int,
         help="torch CPU threads (default: torch's; 1 with --smoke, where more only add contention)",
+    )
+    p.add_argument(
+        "--init",
+        help="start from this checkpoint's weights (id in --out or assets/checkpoints, or .safetensors "
+        "path) instead of random ones; its card becomes the first stage of the new card",
     )
     p.add_argument("--teacher", help="teacher checkpoint id (in --out or assets/checkpoints) or .safetensors path")
     p.add_argument("--distill", choices=("hard", "soft"), default="hard")
@@ -259,6 +265,7 @@ def run(
     model_kwargs = dict(args.model_kwargs)
     model_kwargs.setdefault("num_classes", len(train.class_names))
     model = timm.create_model(args.model, **model_kwargs)
+    init_info = load_init_weights(model, args, model_kwargs, out_dir, train.class_names) if args.init else None
     mean, std = model_mean_std(model)
     distilled = hasattr(model, "set_distilled_training")
     teacher = None
@@ -422,6 +429,8 @@ def run(
             distill_tau=args.distill_tau if args.distill == "soft" else None,
             distill_heads="cls<-labels, dist<-teacher" if distilled else "one head, both targets",
         )
+    if init_info is not None:
+        recipe["init_from"] = earlier_stage(init_info, args.init)
     notes = " ".join(
         part for part in (
             args.notes,
@@ -438,6 +447,8 @@ def run(
         wall_time_s=round(wall_s, 1), hardware=hardware_string(device), seed=args.seed, command=command,
         notes=notes,
     )
+    if init_info is not None:
+        info = with_earlier_stage(info, init_info, round(step / steps_per_epoch, 2))
     weights = save_checkpoint(state, info, out_dir)
     print(f"test accuracy {test_acc:.2f}% ({hits}/{total}), saved {weights}", flush=True)
     print(json_line({
@@ -445,6 +456,51 @@ def run(
         "epochs": epoch, "steps": step, "wall_time_s": info.wall_time_s, "weights": str(weights),
     }), flush=True)
     return 0
+
+
+def load_init_weights(
+    model: nn.Module, args: argparse.Namespace, model_kwargs: dict[str, Any], out_dir: Path,
+    class_names: list[str],
+) -> CheckpointInfo:
+    """Load ``--init`` into ``model`` (strict), refusing a checkpoint of another model or config."""
+    try:
+        start, info = load_checkpoint_model(args.init, (out_dir, Path(CHECKPOINT_DIR)))
+    except (FileNotFoundError, CheckpointError) as error:
+        raise SystemExit(f"train.py: error: {error}") from None
+    if info.model != args.model or info.model_kwargs != model_kwargs:
+        raise SystemExit(
+            f"train.py: error: --init {args.init} is {info.model} {info.model_kwargs}, "
+            f"not {args.model} {model_kwargs}."
+        )
+    if info.class_names and info.class_names != list(class_names):
+        raise SystemExit("train.py: error: the --init checkpoint was trained on other classes than this data's.")
+    model.load_state_dict(start.state_dict(), strict=True)
+    return info
+
+
+def earlier_stage(info: CheckpointInfo, ref: str) -> dict[str, Any]:
+    """What the card keeps of the checkpoint a run started from (its own earlier stages included)."""
+    return {
+        "checkpoint": ref, "test_accuracy": info.test_accuracy, "epochs": info.epochs,
+        "wall_time_s": info.wall_time_s, "hardware": info.hardware, "command": info.command,
+        "recipe": info.recipe,
+    }
+
+
+def with_earlier_stage(info: CheckpointInfo, earlier: CheckpointInfo, epochs_now: float) -> CheckpointInfo:
+    """Card totals over both stages: epochs and wall time add up, hardware and commands are listed in order."""
+    epochs = (earlier.epochs or 0) + info.epochs if info.epochs is not None else earlier.epochs
+    wall = (earlier.wall_time_s or 0.0) + (info.wall_time_s or 0.0)
+    same = earlier.hardware.endswith(info.hardware)  # a further stage on the same machine
+    hardware = earlier.hardware if same else f"{earlier.hardware}; then {info.hardware}"
+    notes = (
+        f"Trained in stages: {earlier.epochs} epochs to {earlier.test_accuracy:.2f}% ({earlier.hardware}), "
+        f"then {epochs_now:g} epochs from those weights ({info.hardware}). {info.notes}"
+    )
+    return dataclasses.replace(
+        info, epochs=epochs, wall_time_s=round(wall, 1), hardware=hardware,
+        command=f"{earlier.command}\n{info.command}", notes=notes,
+    )
 
 
 def _augment_text(args: argparse.Namespace) -> str:

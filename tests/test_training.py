@@ -23,6 +23,7 @@ from PIL import Image
 from vizlib.checkpoints import (
     CIFAR10_CLASSES,
     CheckpointInfo,
+    load_tensors,
     read_info,
     save_checkpoint,
 )
@@ -32,8 +33,11 @@ from vizlib.training import (
     crop_flip,
     load_imagefolder,
     make_synthetic_imagefolder,
+    normalize,
     random_crop_flip,
     random_erase,
+    recalibrate_batchnorm,
+    to_unit_float,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,3 +268,88 @@ def test_evaluate_refuses_bad_input(
     assert len(errors) == 4 and all(line.startswith("evaluate.py: error: ") for line in errors)
     assert "point --data at the split" in errors[2]
     assert "differ from the checkpoint's classes" in errors[3]
+
+
+def test_init_continues_from_a_checkpoint(smoke_run: tuple[Path, str], data_root: Path, tmp_path: Path) -> None:
+    out, _ = smoke_run
+    train = load_script("train")
+    start = out / "tiny-vit.safetensors"
+    # lr 0: the second stage cannot move the weights, so they must be the --init weights exactly.
+    argv = ["--smoke", *TINY_VIT, "--data", str(data_root), "--out", str(tmp_path), "--checkpoint-id", "stage2",
+            "--init", str(start), "--lr", "0"]
+    assert train.main(argv) == 0
+    before, after = load_tensors(start), load_tensors(tmp_path / "stage2.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    first, second = read_info(out / "tiny-vit.json"), read_info(tmp_path / "stage2.json")
+    assert second.test_accuracy == pytest.approx(first.test_accuracy)  # same weights, same test set
+    assert second.recipe["init_from"]["test_accuracy"] == first.test_accuracy
+    assert second.epochs == first.epochs + 1
+    assert second.command.splitlines()[0] == first.command and "--init" in second.command.splitlines()[1]
+    assert "Trained in stages" in second.notes
+    card = (tmp_path / "stage2.md").read_text()
+    assert f"- init_from: {start} ({first.test_accuracy}% after {first.epochs} epochs" in card
+    # Another model (or config) than the one stored is refused, not silently half-loaded.
+    other = ["--smoke", *TINY_DEIT, "--data", str(data_root), "--out", str(tmp_path), "--init", str(start)]
+    with pytest.raises(SystemExit, match="--init .* is vit_tiny_patch16_224"):
+        train.main(other)
+
+
+# -- BatchNorm recalibration -----------------------------------------------------------------
+
+
+def test_recalibrate_batchnorm_sets_population_statistics(data_root: Path) -> None:
+    data = load_imagefolder(data_root / "train", cache=False)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    torch.manual_seed(0)
+    # Dropout first: if recalibration ran it in train mode, the statistics would not match below.
+    model = torch.nn.Sequential(
+        torch.nn.Dropout(0.5), torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10),
+    )
+    norm = model[2]
+    norm.running_mean.fill_(5.0)
+    norm.running_var.fill_(9.0)
+    model.train()
+    with torch.no_grad():  # independent: the conv's output over the whole split
+        features = model[1](normalize(to_unit_float(data.images), mean, std)).double()
+    expected_mean = features.mean(dim=(0, 2, 3))
+    expected_var = features.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True)
+    assert recalibrate_batchnorm(model, data, mean, std, batch_size=len(data)) == 1
+    assert torch.allclose(norm.running_mean.double(), expected_mean, atol=1e-4)
+    assert torch.allclose(norm.running_var.double(), expected_var, rtol=1e-4)
+    assert norm.momentum == 0.1 and model.training and model[0].training  # all restored
+    # Equal-sized batches: the cumulative average of batch means is the population mean.
+    half = len(data) // 2
+    assert len(data) % 2 == 0
+    recalibrate_batchnorm(model, data, mean, std, batch_size=half)
+    assert torch.allclose(norm.running_mean.double(), expected_mean, atol=1e-4)
+
+
+def test_recalibrate_script_updates_the_card(data_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    import timm
+
+    model = timm.create_model("resnet10t", num_classes=10)
+    info = CheckpointInfo("bn", "resnet10t", {"num_classes": 10}, class_names=list(CIFAR10_CLASSES),
+                          test_accuracy=1.0, command="python scripts/train.py ...", wall_time_s=10.0)
+    for module in model.modules():  # stale statistics, as after a short run
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.fill_(100.0)
+    save_checkpoint(model.state_dict(), info, tmp_path / "in")
+    script = load_script("recalibrate_bn")
+    assert script.main(["--checkpoint", str(tmp_path / "in" / "bn.safetensors"), "--data", str(data_root),
+                        "--out", str(tmp_path / "out"), "--images", "20", "--threads", "1"]) == 0
+    saved = read_info(tmp_path / "out" / "bn.json")
+    step = saved.recipe["bn_recalibration"]
+    assert step["train_images"] == 20 and step["layers"] == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()
+    )
+    assert saved.command.splitlines()[0] == info.command and "recalibrate_bn.py" in saved.command
+    stored = load_tensors(tmp_path / "out" / "bn.safetensors")
+    assert all(not torch.equal(stored[k], torch.full_like(stored[k], 100.0)) for k in stored if k.endswith("running_var"))
+    for key, value in model.state_dict().items():  # weights untouched (to fp16)
+        if not key.split(".")[-1].startswith(("running_", "num_batches")):
+            assert torch.equal(stored[key], value.half().float()), key
+    evaluate = load_script("evaluate")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "out" / "bn.safetensors"),
+                          "--data", str(data_root / "test"), "--threads", "1"]) == 0

@@ -65,7 +65,7 @@ def save_checkpoint(
 def model_card(info: CheckpointInfo) -> str:
     accuracy = "not measured" if info.test_accuracy is None else f"{info.test_accuracy:.2f}%"
     minutes = "?" if info.wall_time_s is None else f"{info.wall_time_s / 60:.1f} min"
-    recipe = "\n".join(f"- {k}: {v}" for k, v in sorted(info.recipe.items())) or "- (none)"
+    recipe = "\n".join(f"- {k}: {_recipe_value(v)}" for k, v in sorted(info.recipe.items())) or "- (none)"
     kwargs = json.dumps(info.model_kwargs) if info.model_kwargs else "{}"
     return f"""# {info.checkpoint_id}
 
@@ -92,6 +92,14 @@ Check the accuracy with `python scripts/evaluate.py --checkpoint {info.checkpoin
 
 {info.notes}
 """
+
+
+def _recipe_value(value: Any) -> str:
+    """An earlier training stage (train.py --init) in one line; its full recipe stays in the JSON."""
+    if isinstance(value, dict) and {"checkpoint", "test_accuracy", "epochs"} <= value.keys():
+        return (f"{value['checkpoint']} ({value['test_accuracy']}% after {value['epochs']} epochs; "
+                "its recipe is in the JSON sidecar)")
+    return str(value)
 
 
 def read_info(path: Path) -> CheckpointInfo:
