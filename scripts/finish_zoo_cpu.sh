@@ -22,9 +22,10 @@ common=(--data "$data" --out "$out" --threads 1 --batch-size 128 --weight-decay 
         --seed 0 --eval-every 100)
 run() {  # checkpoint-id model [extra args...]; starts from $stage1 (or $from)/<id>
   local id=$1 model=$2; shift 2
+  local log="$logs/$id${log_suffix:-}.log"
   "$py" "$here/scripts/train.py" --model "$model" --checkpoint-id "$id" --init "${from:-$stage1}/$id.safetensors" \
-    "${common[@]}" "$@" >"$logs/$id${log_suffix:-}.log" 2>&1 || echo "FAILED $id (see $logs/$id.log)"
-  tail -n 1 "$logs/$id${log_suffix:-}.log"
+    "${common[@]}" "$@" >"$log" 2>&1 || echo "FAILED $id (see $log)"
+  tail -n 1 "$log"
 }
 group_convs() {
   for id in conv2former_cifar mobile_former_cifar; do

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     model, info = load_checkpoint_model(args.checkpoint)
     train = load_imagefolder(Path(args.data) / "train")
     test = load_imagefolder(Path(args.data) / "test")
+    if info.class_names and info.class_names != train.class_names:  # labels would not line up
+        raise CheckpointError(f"{info.checkpoint_id} was trained on other classes than those of {args.data}.")
     mean, std = model_mean_std(model)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.images]
     subset = dataclasses.replace(train, images=train.images[order], labels=train.labels[order])
